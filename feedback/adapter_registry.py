@@ -1,0 +1,153 @@
+"""The adapter registry in the database: aliases, their versions, and which one is active.
+
+Serving reads it (what to serve), tuning writes it (register, promote), admins steer it
+(promote, roll back). Promotion and rollback are each one transaction (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from feedback.models import Adapter, AdapterVersion, VersionStatus, utcnow
+
+
+class RegistryError(ValueError):
+    """An operation the registry cannot do; the message says why."""
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """What a server needs to load and attribute one version."""
+
+    id: int
+    adapter_name: str
+    version: int
+    path: str
+    sha256: str
+    status: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.adapter_name}@{self.version}"
+
+    @classmethod
+    def of(cls, row: AdapterVersion) -> VersionRecord:
+        return cls(row.id, row.adapter_name, row.version, row.path, row.sha256, row.status)
+
+
+def ensure_alias(session: Session, name: str) -> Adapter:
+    adapter = session.get(Adapter, name)
+    if adapter is None:
+        adapter = Adapter(name=name)
+        session.add(adapter)
+        session.flush()
+    return adapter
+
+
+def active_versions(session: Session) -> dict[str, VersionRecord | None]:
+    """Every alias and its active version (None: the alias answers with the base model)."""
+    rows = session.execute(
+        select(Adapter.name, AdapterVersion).outerjoin(AdapterVersion, Adapter.active_version_id == AdapterVersion.id)
+    ).all()
+    return {name: (VersionRecord.of(version) if version is not None else None) for name, version in rows}
+
+
+def find_version(session: Session, name: str, version: int) -> VersionRecord | None:
+    row = session.scalars(
+        select(AdapterVersion).where(AdapterVersion.adapter_name == name, AdapterVersion.version == version)
+    ).one_or_none()
+    return VersionRecord.of(row) if row is not None else None
+
+
+def get_version(session: Session, version_id: int) -> AdapterVersion:
+    row = session.get(AdapterVersion, version_id)
+    if row is None:
+        raise RegistryError(f"no adapter version with id {version_id}")
+    return row
+
+
+def list_versions(session: Session, name: str | None = None) -> list[AdapterVersion]:
+    query = select(AdapterVersion).order_by(AdapterVersion.adapter_name, AdapterVersion.version)
+    if name is not None:
+        query = query.where(AdapterVersion.adapter_name == name)
+    return list(session.scalars(query))
+
+
+def list_aliases(session: Session) -> list[Adapter]:
+    return list(session.scalars(select(Adapter).order_by(Adapter.name)))
+
+
+def next_version_number(session: Session, name: str) -> int:
+    current = session.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_name == name))
+    return (current or 0) + 1
+
+
+def register_version(session: Session, version: AdapterVersion) -> AdapterVersion:
+    ensure_alias(session, version.adapter_name)
+    session.add(version)
+    session.flush()
+    return version
+
+
+def promote(session: Session, version_id: int, *, reason: str = "promoted") -> AdapterVersion:
+    """Make a version its alias's active one; the previous active version retires."""
+    version = get_version(session, version_id)
+    if version.status in (VersionStatus.REJECTED, VersionStatus.FAILED):
+        raise RegistryError(f"{version.label} is {version.status} and can never be served")
+    adapter = ensure_alias(session, version.adapter_name)
+    if adapter.active_version_id == version.id:
+        return version
+    if adapter.active_version_id is not None:
+        previous = get_version(session, adapter.active_version_id)
+        previous.status = VersionStatus.RETIRED
+        previous.retired_at = utcnow()
+    if adapter.canary_version_id == version.id:
+        adapter.canary_version_id = None
+        adapter.canary_share = 0.0
+    adapter.active_version_id = version.id
+    version.status = VersionStatus.ACTIVE
+    version.status_reason = reason
+    version.promoted_at = utcnow()
+    version.retired_at = None
+    session.flush()
+    return version
+
+
+def rollback(session: Session, name: str, *, reason: str = "rolled back") -> AdapterVersion | None:
+    """Retire the active version and reactivate its parent (None: back to the base model)."""
+    adapter = session.get(Adapter, name)
+    if adapter is None or adapter.active_version_id is None:
+        raise RegistryError(f"alias {name!r} has no active version to roll back")
+    current = get_version(session, adapter.active_version_id)
+    current.status = VersionStatus.RETIRED
+    current.status_reason = reason
+    current.retired_at = utcnow()
+    parent = session.get(AdapterVersion, current.parent_id) if current.parent_id is not None else None
+    adapter.active_version_id = parent.id if parent is not None else None
+    if parent is not None:
+        parent.status = VersionStatus.ACTIVE
+        parent.status_reason = reason
+        parent.retired_at = None
+    session.flush()
+    return parent
+
+
+def mark_failed(session: Session, version_id: int, reason: str) -> None:
+    """A version whose files did not verify: never served again. Its alias keeps (or falls back to) the parent."""
+    version = get_version(session, version_id)
+    version.status = VersionStatus.FAILED
+    version.status_reason = reason
+    adapter = session.get(Adapter, version.adapter_name)
+    if adapter is not None and adapter.active_version_id == version.id:
+        adapter.active_version_id = version.parent_id
+        if version.parent_id is not None:
+            parent = get_version(session, version.parent_id)
+            parent.status = VersionStatus.ACTIVE
+            parent.retired_at = None
+    if adapter is not None and adapter.canary_version_id == version.id:
+        adapter.canary_version_id = None
+        adapter.canary_share = 0.0
+    session.flush()

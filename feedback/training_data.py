@@ -1,0 +1,110 @@
+"""Export: the feedback not yet trained on, as plain rows the tuner turns into TRL datasets.
+
+Rows carry the exact prompt messages the server rendered and the exact answer it gave, so the
+training prompt is the served prompt. Retracted and quarantined feedback never leaves here;
+comparisons that are ties carry no preference and are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, exists, select
+from sqlalchemy.orm import Session, aliased
+
+from feedback.models import (
+    Comparison,
+    ComparisonOutcome,
+    ComparisonUse,
+    Completion,
+    Feedback,
+    FeedbackStatus,
+    FeedbackUse,
+    UseRole,
+)
+
+
+@dataclass(frozen=True)
+class RatedAnswer:
+    feedback_id: str
+    revision: int
+    prompt: list[dict[str, Any]]
+    answer: str
+    rating: int  # 1 or -1
+    correction: str | None
+    served_by: str
+
+
+@dataclass(frozen=True)
+class ComparedAnswers:
+    comparison_id: str
+    prompt: list[dict[str, Any]]
+    a: str
+    b: str
+    outcome: ComparisonOutcome
+
+
+def unconsumed_ratings(session: Session, alias: str) -> list[RatedAnswer]:
+    """Active thumbs on this alias's answers whose current revision no run has used."""
+    used = exists().where(FeedbackUse.feedback_id == Feedback.id, FeedbackUse.revision == Feedback.revision)
+    rows = session.execute(
+        select(Feedback, Completion)
+        .join(Completion, Completion.id == Feedback.completion_id)
+        .where(
+            Completion.adapter_alias == alias,
+            Feedback.status == FeedbackStatus.ACTIVE,
+            Feedback.rating != 0,
+            ~used,
+        )
+        .order_by(Feedback.updated_at, Feedback.id)
+    ).all()
+    return [
+        RatedAnswer(
+            feedback_id=fb.id,
+            revision=fb.revision,
+            prompt=list(c.prompt_messages),
+            answer=c.answer,
+            rating=fb.rating,
+            correction=fb.correction,
+            served_by=c.served_by,
+        )
+        for fb, c in rows
+    ]
+
+
+def unconsumed_comparisons(session: Session, alias: str) -> list[ComparedAnswers]:
+    first, second = aliased(Completion), aliased(Completion)
+    used = exists().where(ComparisonUse.comparison_id == Comparison.id)
+    rows = session.execute(
+        select(Comparison, first, second)
+        .join(first, first.id == Comparison.completion_a_id)
+        .join(second, second.id == Comparison.completion_b_id)
+        .where(
+            and_(first.adapter_alias == alias, second.adapter_alias == alias),
+            Comparison.status == FeedbackStatus.ACTIVE,
+            Comparison.outcome != ComparisonOutcome.TIE,
+            ~used,
+        )
+        .order_by(Comparison.created_at, Comparison.id)
+    ).all()
+    return [
+        ComparedAnswers(cmp.id, list(a.prompt_messages), a.answer, b.answer, ComparisonOutcome(cmp.outcome))
+        for cmp, a, b in rows
+    ]
+
+
+def mark_used(
+    session: Session,
+    run_id: int,
+    *,
+    ratings: list[RatedAnswer],
+    comparisons: list[ComparedAnswers],
+    role: UseRole,
+) -> None:
+    """Record what a run used; done in the same transaction that registers its outcome."""
+    session.add_all(
+        FeedbackUse(feedback_id=r.feedback_id, tuning_run_id=run_id, revision=r.revision, role=role) for r in ratings
+    )
+    session.add_all(ComparisonUse(comparison_id=c.comparison_id, tuning_run_id=run_id, role=role) for c in comparisons)
+    session.flush()

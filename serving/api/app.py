@@ -1,0 +1,129 @@
+"""The Litestar application: wiring of engine, adapters, database and routes, built from Settings."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+import structlog
+from advanced_alchemy.extensions.litestar import SQLAlchemyAsyncConfig, SQLAlchemyPlugin
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from feedback import adapter_registry, migrate
+from feedback.api import FeedbackController
+from feedback.db import is_sqlite, make_async_engine
+from serving import base_model
+from serving.adapters.hot_swap import RegistryAccess, RegistryWatcher
+from serving.adapters.manager import AdapterManager
+from serving.api.chat import ChatController
+from serving.api.dependencies import DEPENDENCIES
+from serving.api.errors import EXCEPTION_HANDLERS
+from serving.api.health import HealthController
+from serving.api.models import ModelsController
+from serving.completions import ChatService
+from serving.engine.simple import SimpleEngine
+from serving.settings import DEFAULT_ALIAS, Settings
+
+log = structlog.get_logger(__name__)
+
+MAX_BODY_BYTES = 1_048_576
+
+
+@dataclass
+class Runtime:
+    """The expensive part: a loaded model and its engine (tests pass a tiny one)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    engine: SimpleEngine
+    base_model_id: str
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    source = base_model.resolve_base_model(settings)
+    device = base_model.resolve_device(settings.device)
+    dtype = base_model.resolve_dtype(settings.dtype, device)
+    log.info("loading base model", model=source.model_id, path=str(source.path), device=str(device), dtype=str(dtype))
+    model = base_model.load_model(source.path, device, dtype)
+    tokenizer = base_model.load_tokenizer(source.path)
+    engine = SimpleEngine(
+        model, tokenizer, max_loaded_adapters=settings.max_loaded_adapters, max_lora_rank=settings.max_lora_rank
+    )
+    return Runtime(model=model, tokenizer=tokenizer, engine=engine, base_model_id=source.model_id)
+
+
+class DatabaseNotMigrated(RuntimeError):
+    pass
+
+
+def prepare_database(settings: Settings) -> None:
+    """The embedded SQLite is upgraded on start; a shared PostgreSQL is upgraded deliberately."""
+    if is_sqlite(settings.database_url):
+        migrate.upgrade(settings.database_url)
+    elif not migrate.is_current(settings.database_url):
+        raise DatabaseNotMigrated("the database schema is not at the newest revision: run `loraloop db upgrade` first")
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
+    db_config = SQLAlchemyAsyncConfig(
+        engine_instance=make_async_engine(settings.database_url),
+        session_dependency_key="db_session",
+        before_send_handler=None,  # handlers commit explicitly, before they answer
+        create_all=False,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await anyio.to_thread.run_sync(prepare_database, settings)
+        rt = runtime or await anyio.to_thread.run_sync(build_runtime, settings)
+        sessions = db_config.create_session_maker()
+        async with sessions() as session, session.begin():
+            await session.run_sync(adapter_registry.ensure_alias, DEFAULT_ALIAS)
+        access = RegistryAccess(sessions)  # type: ignore[arg-type]
+        manager = AdapterManager(
+            rt.engine,
+            settings.adapters_path,
+            rt.base_model_id,
+            max_rank=settings.max_lora_rank,
+            find_version=access.find_version,
+            report_failure=access.report_failure,
+        )
+        await rt.engine.start()
+        watcher = RegistryWatcher(manager, sessions, settings.swap_poll_seconds)  # type: ignore[arg-type]
+        await watcher.sync_once()
+        watcher.start()
+        app.state.adapters = manager
+        app.state.watcher = watcher
+        app.state.chat = ChatService(
+            rt.engine,
+            manager,
+            rt.tokenizer,
+            rt.model.generation_config if rt.model.generation_config is not None else GenerationConfig(),
+            sessions,  # type: ignore[arg-type]
+            default_max_tokens=settings.default_max_tokens,
+            max_context_tokens=settings.max_context_tokens,
+        )
+        app.state.ready = True
+        log.info("ready", model=rt.base_model_id, aliases=sorted(manager.aliases))
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            await watcher.stop()
+            await rt.engine.stop()
+
+    return Litestar(
+        route_handlers=[ChatController, ModelsController, FeedbackController, HealthController],
+        dependencies=DEPENDENCIES,
+        plugins=[SQLAlchemyPlugin(config=db_config)],
+        lifespan=[lifespan],
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=MAX_BODY_BYTES,
+        openapi_config=OpenAPIConfig(title="loraloop", version="0.1.0", path="/schema"),
+        debug=False,
+        logging_config=None,  # structlog, configured by the CLI (serving.logs)
+    )

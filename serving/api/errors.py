@@ -1,0 +1,126 @@
+"""One mapping from every error to the OpenAI error JSON `{"error": {message, type, param, code}}`.
+
+Handlers never build error bodies themselves: they raise, and this module answers. Client mistakes
+are 4xx with the offending parameter named; anything unexpected is a logged 500 without internals.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import structlog
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from feedback.errors import FeedbackError
+from serving.adapters.manager import AdapterUnavailable, UnknownModel
+from serving.engine.types import EngineOverloaded
+
+log = structlog.get_logger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+
+
+def error_response(status: int, message: str, *, code: str | None = None, param: str | None = None) -> Response[Any]:
+    return Response(
+        {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}},
+        status_code=status,
+        media_type=MediaType.JSON,
+    )
+
+
+_MSGSPEC_PATH = re.compile(r" - at `\$\.?([^`]*)`")
+_MSGSPEC_FIELD = re.compile(r"(?:missing required|unknown) field `([^`]*)`")
+
+
+def _param_of_validation(exc: ValidationException) -> tuple[str, str | None]:
+    """Name the offending parameter from msgspec's message, e.g.
+    "Expected `int`, got `str` - at `$.max_tokens`" or "Object missing required field `messages`"."""
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    for item in extra:
+        if isinstance(item, dict) and item.get("message"):
+            message = str(item["message"])
+            at = _MSGSPEC_PATH.search(message)
+            key = item.get("key") if item.get("key") not in (None, "", "body", "data") else None
+            path = (key or (at.group(1) if at else "")).replace("[", ".").replace("]", "")
+            field = _MSGSPEC_FIELD.search(message)
+            parts = [p for p in (path, field.group(1) if field else "") if p]
+            param = ".".join(parts) or None
+            clean = message.split(" - at ")[0]
+            return (f"{param}: {clean}" if param and not field else clean), param
+    return exc.detail or "invalid request", None
+
+
+def handle_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    message, param = _param_of_validation(exc)
+    return error_response(400, message, code="invalid_value" if param else "invalid_request", param=param)
+
+
+def handle_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    status = exc.status_code
+    if status >= 500:
+        log.error("server error", status=status, detail=exc.detail)
+        return error_response(status, "the server could not handle this request", code="server_error")
+    return error_response(status, exc.detail or "bad request", code=_TYPES.get(status, "invalid_request"))
+
+
+def handle_api_error(_: Request[Any, Any, Any], exc: APIError) -> Response[Any]:
+    return error_response(exc.status, exc.message, code=exc.code, param=exc.param)
+
+
+def handle_feedback_error(_: Request[Any, Any, Any], exc: FeedbackError) -> Response[Any]:
+    return error_response(exc.status_code, str(exc), code=exc.code, param=exc.param)
+
+
+def handle_unknown_model(_: Request[Any, Any, Any], exc: UnknownModel) -> Response[Any]:
+    return error_response(404, str(exc), code="model_not_found", param="model")
+
+
+def handle_adapter_unavailable(_: Request[Any, Any, Any], exc: AdapterUnavailable) -> Response[Any]:
+    return error_response(503, str(exc), code="adapter_unavailable", param="model")
+
+
+def handle_overloaded(_: Request[Any, Any, Any], exc: EngineOverloaded) -> Response[Any]:
+    response = error_response(429, f"the server is busy: {exc}; retry shortly", code="overloaded")
+    response.headers["retry-after"] = "1"
+    return response
+
+
+def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.exception("unhandled error", path=request.url.path, error=type(exc).__name__)
+    return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal server error", code="server_error")
+
+
+EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
+    ValidationException: handle_validation,
+    HTTPException: handle_http,
+    APIError: handle_api_error,
+    FeedbackError: handle_feedback_error,
+    UnknownModel: handle_unknown_model,
+    AdapterUnavailable: handle_adapter_unavailable,
+    EngineOverloaded: handle_overloaded,
+    Exception: handle_unexpected,
+}

@@ -1,0 +1,30 @@
+"""`/health` (the process is alive) and `/ready` (model loaded, database reachable)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Response, get
+from litestar.datastructures import State
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from serving.api.errors import error_response
+
+
+class HealthController(Controller):
+    tags = ["health"]
+
+    @get("/health", summary="Liveness")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/ready", summary="Readiness: model loaded and database reachable")
+    async def ready(self, state: State, db_session: AsyncSession) -> Response[Any]:
+        if not getattr(state, "ready", False):
+            return error_response(503, "the model is still loading", code="not_ready")
+        try:
+            await db_session.execute(text("SELECT 1"))
+        except Exception as exc:
+            return error_response(503, f"database unreachable: {type(exc).__name__}", code="not_ready")
+        return Response({"status": "ready", "model": state.adapters.base.label})

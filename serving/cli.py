@@ -1,0 +1,183 @@
+"""The `loraloop` command: serve, prepare the model, migrate the database, tune, steer adapters.
+
+Every setting is an option (`--database-url`) and an environment variable (`LORALOOP_DATABASE_URL`);
+options win. Bad values stop the command with a sentence that says what to set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+
+from serving.logs import configure_logging
+from serving.settings import DEFAULT_ALIAS, Settings
+
+log = structlog.get_logger("loraloop")
+
+
+def _settings_options(parser: argparse.ArgumentParser, model: type[BaseSettings], prefix: str = "") -> None:
+    group = parser.add_argument_group(f"{model.__name__} (also {model.model_config.get('env_prefix', '')}*)")
+    for name, field in model.model_fields.items():
+        group.add_argument(
+            f"--{prefix}{name.replace('_', '-')}",
+            dest=f"{prefix.replace('-', '_')}{name}",
+            default=None,
+            help=field.description,
+        )
+
+
+def _build(model: type[BaseSettings], args: argparse.Namespace, prefix: str = "") -> Any:
+    overrides = {
+        name: value for name in model.model_fields if (value := getattr(args, f"{prefix}{name}", None)) is not None
+    }
+    return model(**overrides)
+
+
+def _fail_on_bad_config(error: ValidationError, env_prefix: str) -> None:
+    lines = ["loraloop: invalid configuration"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "settings"
+        hint = f" (set {env_prefix}{field.upper()} or --{field.replace('_', '-')})" if item["loc"] else ""
+        lines.append(f"  {field}: {item['msg']}{hint}")
+    sys.exit("\n".join(lines))
+
+
+def cmd_serve(settings: Settings, _: argparse.Namespace) -> None:
+    import uvicorn
+
+    from serving.api.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def cmd_prepare_model(settings: Settings, _: argparse.Namespace) -> None:
+    from serving.base_model import resolve_base_model
+
+    source = resolve_base_model(settings)
+    print(f"{source.model_id}: {source.path}")
+
+
+def cmd_db(settings: Settings, args: argparse.Namespace) -> None:
+    from feedback import migrate
+
+    if args.action == "upgrade":
+        migrate.upgrade(settings.database_url, args.revision or "head")
+    elif args.action == "downgrade":
+        if not args.revision:
+            sys.exit("loraloop db downgrade needs a revision (e.g. base, or -1)")
+        migrate.downgrade(settings.database_url, args.revision)
+    print(f"database at {'head' if migrate.is_current(settings.database_url) else 'an older revision'}")
+
+
+def cmd_tune(settings: Settings, args: argparse.Namespace) -> None:
+    from tuning.round import run_round
+    from tuning.settings import TuningSettings
+
+    try:
+        tuning = _build(TuningSettings, args, prefix="tuning_")
+    except ValidationError as error:
+        _fail_on_bad_config(error, "LORALOOP_TUNING_")
+    outcome = run_round(settings, tuning, alias=args.alias, trigger="manual")
+    print(json.dumps(outcome.summary(), indent=2, default=str))
+    if outcome.status == "failed":
+        sys.exit(1)
+
+
+def cmd_adapters(settings: Settings, args: argparse.Namespace) -> None:
+    from feedback import adapter_registry
+    from feedback.db import make_sync_engine, session_scope
+
+    engine = make_sync_engine(settings.database_url)
+    with session_scope(engine) as session:
+        if args.action == "list":
+            for version in adapter_registry.list_versions(session):
+                created = f"{version.created_at:%Y-%m-%d %H:%M}"
+                print(f"{version.label:<20} {version.status:<10} {created}  {version.sha256[:12]}")
+        elif args.action == "promote":
+            name, _, number = (args.target or "").rpartition("@")
+            record = adapter_registry.find_version(session, name, int(number)) if number.isdigit() else None
+            if record is None:
+                sys.exit(f"no version {args.target!r}: give it as alias@N")
+            adapter_registry.promote(session, record.id, reason="manual promote")
+            print(f"{record.label} is active")
+        elif args.action == "rollback":
+            parent = adapter_registry.rollback(session, args.target or DEFAULT_ALIAS, reason="manual rollback")
+            print(f"{args.target or DEFAULT_ALIAS} now serves {parent.label if parent else 'the base model'}")
+    engine.dispose()
+
+
+def cmd_runs(settings: Settings, args: argparse.Namespace) -> None:
+    from feedback import tuning_runs
+    from feedback.db import make_sync_engine, session_scope
+
+    engine = make_sync_engine(settings.database_url)
+    with session_scope(engine) as session:
+        for run in tuning_runs.list_runs(session, limit=args.limit):
+            took = f"{(run.finished_at - run.created_at).total_seconds():.0f}s" if run.finished_at else "-"
+            print(
+                f"#{run.id:<4} {run.adapter_name:<12} {run.trigger:<9} {run.status:<10} {run.stage:<12} "
+                f"{run.progress:>5.0%} {took:>6}  {json.dumps(run.data_counts)}"
+            )
+    engine.dispose()
+
+
+COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], None]] = {
+    "serve": cmd_serve,
+    "prepare-model": cmd_prepare_model,
+    "db": cmd_db,
+    "tune": cmd_tune,
+    "adapters": cmd_adapters,
+    "runs": cmd_runs,
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    from tuning.settings import TuningSettings
+
+    common = argparse.ArgumentParser(add_help=False)
+    _settings_options(common, Settings)
+    root = argparse.ArgumentParser(prog="loraloop", description=__doc__)
+    sub = root.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", parents=[common], help="run the OpenAI-compatible server")
+    sub.add_parser("prepare-model", parents=[common], help="convert the bundled model once (shows progress)")
+    db = sub.add_parser("db", parents=[common], help="database migrations")
+    db.add_argument("action", choices=["upgrade", "downgrade", "current"])
+    db.add_argument("revision", nargs="?")
+    tune = sub.add_parser("tune", parents=[common], help="run one tuning round now")
+    tune.add_argument("--alias", default=DEFAULT_ALIAS, help="the adapter alias to tune (default: default)")
+    tune.add_argument("--once", action="store_true", help="one round, then exit (for cron; the default)")
+    _settings_options(tune, TuningSettings, prefix="tuning-")
+    adapters = sub.add_parser("adapters", parents=[common], help="list, promote or roll back adapter versions")
+    adapters.add_argument("action", choices=["list", "promote", "rollback"])
+    adapters.add_argument("target", nargs="?", help="alias@N to promote, or alias to roll back")
+    runs = sub.add_parser("runs", parents=[common], help="list tuning runs")
+    runs.add_argument("--limit", type=int, default=20)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        settings = _build(Settings, args)
+    except ValidationError as error:
+        _fail_on_bad_config(error, "LORALOOP_")
+    configure_logging(settings.log_level, settings.log_format)
+    COMMANDS[args.command](settings, args)
+
+
+if __name__ == "__main__":
+    main()

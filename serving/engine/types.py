@@ -1,0 +1,74 @@
+"""The engine's small interface: submit a request, stream its chunks, load and unload adapters.
+
+The API talks only to `Engine`; the implementation behind it can batch however it likes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from serving.adapters.store import LoRAWeights
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full; the API answers 429."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    adapter_key: str | None = None  # a loaded adapter's key; None = the base model
+
+
+@dataclass
+class GenerationChunk:
+    """New text since the previous chunk; the last chunk carries finish_reason and the token counts."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+
+
+class Engine(Protocol):
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream the answer; closing the iterator early cancels the sequence and frees its memory."""
+        ...
+
+    async def load_adapter(self, key: str, weights: LoRAWeights) -> None:
+        """Make an adapter available under `key` without stopping running sequences."""
+        ...
+
+    async def unload_adapter(self, key: str) -> None:
+        """Free an adapter's slot; sequences still using it finish first."""
+        ...
+
+    @property
+    def loaded_adapters(self) -> frozenset[str]: ...
+
+    @property
+    def max_loaded_adapters(self) -> int: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...

