@@ -104,6 +104,7 @@ def promote(session: Session, version_id: int, *, reason: str = "promoted") -> A
         previous = get_version(session, adapter.active_version_id)
         previous.status = VersionStatus.RETIRED
         previous.retired_at = utcnow()
+    version.replaced_id = adapter.active_version_id
     if adapter.canary_version_id == version.id:
         adapter.canary_version_id = None
         adapter.canary_share = 0.0
@@ -116,8 +117,19 @@ def promote(session: Session, version_id: int, *, reason: str = "promoted") -> A
     return version
 
 
+def _reinstate(session: Session, adapter: Adapter, version_id: int | None, reason: str) -> AdapterVersion | None:
+    """Point the alias back at an earlier version (None: the base model)."""
+    previous = session.get(AdapterVersion, version_id) if version_id is not None else None
+    adapter.active_version_id = previous.id if previous is not None else None
+    if previous is not None:
+        previous.status = VersionStatus.ACTIVE
+        previous.status_reason = reason
+        previous.retired_at = None
+    return previous
+
+
 def rollback(session: Session, name: str, *, reason: str = "rolled back") -> AdapterVersion | None:
-    """Retire the active version and reactivate its parent (None: back to the base model)."""
+    """Retire the active version; the alias serves what it served before it (None: the base model)."""
     adapter = session.get(Adapter, name)
     if adapter is None or adapter.active_version_id is None:
         raise RegistryError(f"alias {name!r} has no active version to roll back")
@@ -125,28 +137,19 @@ def rollback(session: Session, name: str, *, reason: str = "rolled back") -> Ada
     current.status = VersionStatus.RETIRED
     current.status_reason = reason
     current.retired_at = utcnow()
-    parent = session.get(AdapterVersion, current.parent_id) if current.parent_id is not None else None
-    adapter.active_version_id = parent.id if parent is not None else None
-    if parent is not None:
-        parent.status = VersionStatus.ACTIVE
-        parent.status_reason = reason
-        parent.retired_at = None
+    previous = _reinstate(session, adapter, current.replaced_id, reason)
     session.flush()
-    return parent
+    return previous
 
 
 def mark_failed(session: Session, version_id: int, reason: str) -> None:
-    """A version whose files did not verify: never served again. Its alias keeps (or falls back to) the parent."""
+    """A version whose files did not verify: never served again; its alias returns to what it served before."""
     version = get_version(session, version_id)
     version.status = VersionStatus.FAILED
     version.status_reason = reason
     adapter = session.get(Adapter, version.adapter_name)
     if adapter is not None and adapter.active_version_id == version.id:
-        adapter.active_version_id = version.parent_id
-        if version.parent_id is not None:
-            parent = get_version(session, version.parent_id)
-            parent.status = VersionStatus.ACTIVE
-            parent.retired_at = None
+        _reinstate(session, adapter, version.replaced_id, f"{version.label} failed verification")
     if adapter is not None and adapter.canary_version_id == version.id:
         adapter.canary_version_id = None
         adapter.canary_share = 0.0

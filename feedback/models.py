@@ -187,7 +187,9 @@ class AdapterVersion(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     adapter_name: Mapped[str] = mapped_column(ForeignKey("adapters.name"))
     version: Mapped[int] = mapped_column(Integer)
-    parent_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"))  # trained from
+    # What the alias served before this version was promoted: where rollback returns to.
+    replaced_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"))
     path: Mapped[str] = mapped_column(String(1024))  # relative to the adapter store
     sha256: Mapped[str] = mapped_column(String(64))
     base_model_id: Mapped[str] = mapped_column(String(256))

@@ -92,7 +92,7 @@ def cmd_tune(settings: Settings, args: argparse.Namespace) -> None:
     except ValidationError as error:
         _fail_on_bad_config(error, "LORALOOP_TUNING_")
     outcome = run_round(settings, tuning, alias=args.alias, trigger="manual")
-    print(json.dumps(outcome.summary(), indent=2, default=str))
+    print(json.dumps(outcome.summary(), default=str))  # one line: the last line of stdout is the result
     if outcome.status == "failed":
         sys.exit(1)
 

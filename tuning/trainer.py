@@ -21,7 +21,7 @@ import structlog
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from serving.base_model import cpu_has_native_bf16
@@ -121,6 +121,7 @@ def _drop_reference_copy(model: PeftModel) -> None:
 
 
 def _run(trainer: Any, method: str, callback: _ProgressCallback) -> PhaseResult:
+    trainer.remove_callback(PrinterCallback)  # progress goes to the structured log and the run record
     started = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - started

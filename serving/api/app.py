@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import anyio
 import structlog
-from advanced_alchemy.extensions.litestar import SQLAlchemyAsyncConfig, SQLAlchemyPlugin
+from advanced_alchemy.extensions.litestar import AsyncSessionConfig, SQLAlchemyAsyncConfig, SQLAlchemyPlugin
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -72,6 +72,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
     db_config = SQLAlchemyAsyncConfig(
         engine_instance=make_async_engine(settings.database_url),
         session_dependency_key="db_session",
+        # Rows are read after commit to build responses: keep them loaded (no lazy IO outside the greenlet).
+        session_config=AsyncSessionConfig(expire_on_commit=False),
         before_send_handler=None,  # handlers commit explicitly, before they answer
         create_all=False,
     )

