@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from litestar import Controller, post
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -36,7 +38,13 @@ class FeedbackController(Controller):
     tags = ["feedback"]
 
     @post("/v1/feedback", summary="Rate a completion (1 up, -1 down, 0 retract)", status_code=200)
-    async def rate(self, data: FeedbackRequest, db_session: AsyncSession, caller: Caller) -> FeedbackResponse:
+    async def rate(
+        self,
+        data: FeedbackRequest,
+        db_session: AsyncSession,
+        caller: Caller,
+        on_rating: Callable[[str, str | None, int], None],
+    ) -> FeedbackResponse:
         rating = RatingInput(
             completion_id=data.completion_id,
             rating=data.rating,
@@ -49,12 +57,13 @@ class FeedbackController(Controller):
         for attempt in range(2):
             try:
                 async with db_session.begin():
-                    row = await db_session.run_sync(submit_rating, caller, rating)
+                    row, completion = await db_session.run_sync(submit_rating, caller, rating)
                 break
             except IntegrityError:
                 # Two first ratings of the same completion raced (PostgreSQL); the second becomes an update.
                 if attempt == 1:
                     raise
+        on_rating(completion.served_by, completion.adapter_alias, row.rating)
         return FeedbackResponse(
             id=row.id,
             completion_id=row.completion_id,

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from feedback.callers import Caller
 from feedback.completions import get_completion_for
 from feedback.errors import ConflictingFeedback
-from feedback.models import Feedback, FeedbackStatus, new_uuid
+from feedback.models import Completion, Feedback, FeedbackStatus, new_uuid
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,9 @@ def _apply(row: Feedback, rating: RatingInput) -> bool:
     return True
 
 
-def submit_rating(session: Session, caller: Caller, rating: RatingInput) -> Feedback:
+def submit_rating(session: Session, caller: Caller, rating: RatingInput) -> tuple[Feedback, Completion]:
     """Insert or update the caller's rating of one completion; the caller commits."""
-    get_completion_for(session, rating.completion_id, caller, param="completion_id")
+    completion = get_completion_for(session, rating.completion_id, caller, param="completion_id")
     row: Feedback | None = None
     if rating.feedback_id is not None:
         row = session.get(Feedback, rating.feedback_id)
@@ -74,4 +74,4 @@ def submit_rating(session: Session, caller: Caller, rating: RatingInput) -> Feed
     elif _apply(row, rating):
         row.revision += 1
     session.flush()
-    return row
+    return row, completion

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, exists, select
+from sqlalchemy import and_, exists, select, true
 from sqlalchemy.orm import Session, aliased
 
 from feedback.models import (
@@ -45,8 +45,8 @@ class ComparedAnswers:
     outcome: ComparisonOutcome
 
 
-def unconsumed_ratings(session: Session, alias: str) -> list[RatedAnswer]:
-    """Active thumbs on this alias's answers whose current revision no run has used."""
+def rated_answers(session: Session, alias: str, *, unused_only: bool = True) -> list[RatedAnswer]:
+    """Active thumbs on this alias's answers (by default only those whose current revision no run has used)."""
     used = exists().where(FeedbackUse.feedback_id == Feedback.id, FeedbackUse.revision == Feedback.revision)
     rows = session.execute(
         select(Feedback, Completion)
@@ -55,7 +55,7 @@ def unconsumed_ratings(session: Session, alias: str) -> list[RatedAnswer]:
             Completion.adapter_alias == alias,
             Feedback.status == FeedbackStatus.ACTIVE,
             Feedback.rating != 0,
-            ~used,
+            ~used if unused_only else true(),
         )
         .order_by(Feedback.updated_at, Feedback.id)
     ).all()
@@ -73,7 +73,8 @@ def unconsumed_ratings(session: Session, alias: str) -> list[RatedAnswer]:
     ]
 
 
-def unconsumed_comparisons(session: Session, alias: str) -> list[ComparedAnswers]:
+def compared_answers(session: Session, alias: str, *, unused_only: bool = True) -> list[ComparedAnswers]:
+    """Active, non-tie comparisons between two of this alias's answers (by default only unused ones)."""
     first, second = aliased(Completion), aliased(Completion)
     used = exists().where(ComparisonUse.comparison_id == Comparison.id)
     rows = session.execute(
@@ -84,7 +85,7 @@ def unconsumed_comparisons(session: Session, alias: str) -> list[ComparedAnswers
             and_(first.adapter_alias == alias, second.adapter_alias == alias),
             Comparison.status == FeedbackStatus.ACTIVE,
             Comparison.outcome != ComparisonOutcome.TIE,
-            ~used,
+            ~used if unused_only else true(),
         )
         .order_by(Comparison.created_at, Comparison.id)
     ).all()
@@ -108,3 +109,31 @@ def mark_used(
     )
     session.add_all(ComparisonUse(comparison_id=c.comparison_id, tuning_run_id=run_id, role=role) for c in comparisons)
     session.flush()
+
+
+def _assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def kto_rows(ratings: list[RatedAnswer], comparisons: list[ComparedAnswers] = ()) -> list[dict[str, Any]]:  # type: ignore[assignment]
+    """TRL's unpaired format: thumbs as labelled rows; a both-bad comparison gives two undesirable rows."""
+    rows: list[dict[str, Any]] = [
+        {"prompt": r.prompt, "completion": _assistant(r.answer), "label": r.rating > 0} for r in ratings
+    ]
+    for c in comparisons:
+        if c.outcome == ComparisonOutcome.BOTH_BAD:
+            rows += [{"prompt": c.prompt, "completion": _assistant(t), "label": False} for t in (c.a, c.b)]
+    return rows
+
+
+def dpo_rows(ratings: list[RatedAnswer], comparisons: list[ComparedAnswers]) -> list[dict[str, Any]]:
+    """TRL's preference format: the preferred answer of a comparison, a user's correction over the original."""
+    rows: list[dict[str, Any]] = []
+    for c in comparisons:
+        if c.outcome in (ComparisonOutcome.A, ComparisonOutcome.B):
+            chosen, rejected = (c.a, c.b) if c.outcome == ComparisonOutcome.A else (c.b, c.a)
+            rows.append({"prompt": c.prompt, "chosen": _assistant(chosen), "rejected": _assistant(rejected)})
+    for r in ratings:
+        if r.correction and r.correction.strip() != r.answer.strip():
+            rows.append({"prompt": r.prompt, "chosen": _assistant(r.correction), "rejected": _assistant(r.answer)})
+    return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -72,3 +73,25 @@ def list_runs(session: Session, *, limit: int = 50, alias: str | None = None) ->
     if alias is not None:
         query = query.where(TuningRun.adapter_name == alias)
     return list(session.scalars(query))
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    id: int
+    alias: str
+    status: str
+    seconds: float
+
+
+def finished_since(session: Session, after_id: int | None) -> list[FinishedRun]:
+    """Runs that ended with an id above `after_id` (None: only the newest one, to learn where to start)."""
+    query = select(TuningRun).where(TuningRun.finished_at.is_not(None)).order_by(TuningRun.id)
+    if after_id is None:
+        query = query.order_by(None).order_by(TuningRun.id.desc()).limit(1)
+    else:
+        query = query.where(TuningRun.id > after_id)
+    return [
+        FinishedRun(run.id, run.adapter_name, run.status, (run.finished_at - run.created_at).total_seconds())
+        for run in session.scalars(query)
+        if run.finished_at is not None
+    ]

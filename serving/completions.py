@@ -34,6 +34,7 @@ from serving.api.schemas import (
     sampling_dict,
 )
 from serving.engine.types import Engine, GenerationChunk, GenerationRequest, SamplingParams
+from serving.metrics import Metrics, version_labels
 from serving.prompt import render_prompt
 
 log = structlog.get_logger(__name__)
@@ -55,6 +56,7 @@ class _Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None
+    last_token_at: float = 0.0
 
 
 class ChatService:
@@ -68,8 +70,10 @@ class ChatService:
         *,
         default_max_tokens: int,
         max_context_tokens: int,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics
         self.adapters = adapters
         self.tokenizer = tokenizer
         self.sessions = sessions
@@ -129,9 +133,15 @@ class ChatService:
             sampling=prepared.sampling,
             adapter_key=target.key,
         )
+        labels = version_labels(target.label, target.alias)
         async for chunk in self.engine.generate(engine_request):
-            if chunk.text and outcome.first_token_at is None:
-                outcome.first_token_at = time.perf_counter()
+            if chunk.text:
+                now = time.perf_counter()
+                if outcome.first_token_at is None:
+                    outcome.first_token_at = now
+                elif self.metrics is not None:
+                    self.metrics.itl.labels(*labels).observe(now - outcome.last_token_at)
+                outcome.last_token_at = now
             outcome.text += chunk.text
             if chunk.finish_reason is not None:
                 outcome.finish_reason = chunk.finish_reason
@@ -169,6 +179,14 @@ class ChatService:
         )
         async with self.sessions() as session, session.begin():
             await session.run_sync(record_completion, record)
+        if self.metrics is not None:
+            labels = version_labels(target.label, target.alias)
+            self.metrics.requests.labels(*labels, outcome.finish_reason).inc()
+            self.metrics.latency.labels(*labels).observe(now - started)
+            if outcome.first_token_at is not None:
+                self.metrics.ttft.labels(*labels).observe(outcome.first_token_at - started)
+            self.metrics.prompt_tokens.labels(*labels).inc(record.prompt_tokens)
+            self.metrics.completion_tokens.labels(*labels).inc(record.completion_tokens)
 
     async def complete(self, request: ChatCompletionRequest, caller: Caller) -> tuple[ChatCompletion, ServingTarget]:
         prepared = self.prepare(request)

@@ -1,23 +1,17 @@
 """From exported feedback to TRL datasets: KTO rows from thumbs, DPO pairs from comparisons and corrections.
 
 Rows are conversational (`prompt` = the served messages), so TRL renders them with the same chat
-template and generation prompt the server used.
+template and generation prompt the server used. The row shapes come from `feedback.training_data`.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
 
 from datasets import Dataset
 
-from feedback.models import ComparisonOutcome
-from feedback.training_data import ComparedAnswers, RatedAnswer
-
-
-def _assistant(text: str) -> list[dict[str, str]]:
-    return [{"role": "assistant", "content": text}]
+from feedback.training_data import ComparedAnswers, RatedAnswer, dpo_rows, kto_rows
 
 
 @dataclass(frozen=True)
@@ -32,7 +26,7 @@ class KTOData:
 def balance_weights(desirable: int, undesirable: int) -> tuple[float, float]:
     """KTO's rule (paper eq. 8, TRL docs): weight ONE side so that w_D·n_D : w_U·n_U lies in [1, 4/3].
 
-    We aim at the middle of that band, 7:6; a one-sided round keeps weights 1.
+    We aim at 7:6, inside that band; a one-sided round keeps weights 1.
     """
     if desirable == 0 or undesirable == 0:
         return 1.0, 1.0
@@ -47,21 +41,13 @@ def balance_weights(desirable: int, undesirable: int) -> tuple[float, float]:
 
 def kto_dataset(
     ratings: list[RatedAnswer],
-    comparisons: list[ComparedAnswers] = (),
+    comparisons: list[ComparedAnswers] = (),  # type: ignore[assignment]
     *,
-    seed: int = 0,  # type: ignore[assignment]
+    seed: int = 0,
 ) -> KTOData:
-    """Thumbs as KTO rows; a both-bad comparison adds two undesirable rows.
-
-    Shuffled here because TRL's KTO reads in order (its KL estimate pairs neighbours): in
-    chronological order a burst of thumbs-down would fill whole batches.
-    """
-    rows: list[dict[str, Any]] = [
-        {"prompt": r.prompt, "completion": _assistant(r.answer), "label": r.rating > 0} for r in ratings
-    ]
-    for c in comparisons:
-        if c.outcome == ComparisonOutcome.BOTH_BAD:
-            rows += [{"prompt": c.prompt, "completion": _assistant(t), "label": False} for t in (c.a, c.b)]
+    """Shuffled here because TRL's KTO reads in order (its KL estimate pairs neighbours): in
+    chronological order a burst of thumbs-down would fill whole batches."""
+    rows = kto_rows(ratings, comparisons)
     random.Random(seed).shuffle(rows)
     desirable = sum(1 for row in rows if row["label"])
     undesirable = len(rows) - desirable
@@ -70,15 +56,7 @@ def kto_dataset(
 
 
 def dpo_dataset(ratings: list[RatedAnswer], comparisons: list[ComparedAnswers], *, seed: int = 0) -> Dataset | None:
-    """Pairs: the preferred answer of a comparison, and a user's correction over the original answer."""
-    rows: list[dict[str, Any]] = []
-    for c in comparisons:
-        if c.outcome in (ComparisonOutcome.A, ComparisonOutcome.B):
-            chosen, rejected = (c.a, c.b) if c.outcome == ComparisonOutcome.A else (c.b, c.a)
-            rows.append({"prompt": c.prompt, "chosen": _assistant(chosen), "rejected": _assistant(rejected)})
-    for r in ratings:
-        if r.correction and r.correction.strip() != r.answer.strip():
-            rows.append({"prompt": r.prompt, "chosen": _assistant(r.correction), "rejected": _assistant(r.answer)})
+    rows = dpo_rows(ratings, comparisons)
     if not rows:
         return None
     random.Random(seed).shuffle(rows)

@@ -119,8 +119,8 @@ def run_round(settings: Settings, tuning: TuningSettings, *, alias: str, trigger
 def _train_and_promote(settings: Settings, tuning: TuningSettings, db: Engine, run_id: int, alias: str) -> RoundOutcome:
     report = _RunReporter(db, run_id)
     with session_scope(db) as session:
-        ratings = training_data.unconsumed_ratings(session, alias)
-        comparisons = training_data.unconsumed_comparisons(session, alias)
+        ratings = training_data.rated_answers(session, alias)
+        comparisons = training_data.compared_answers(session, alias)
         parent = adapter_registry.active_versions(session).get(alias)
     kto = kto_dataset(ratings, comparisons, seed=tuning.seed) if ratings else None
     pairs = dpo_dataset(ratings, comparisons, seed=tuning.seed)

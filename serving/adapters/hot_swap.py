@@ -14,33 +14,57 @@ import contextlib
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from feedback import adapter_registry
+from feedback import adapter_registry, tuning_runs
 from feedback.adapter_registry import VersionRecord
 from serving.adapters.manager import AdapterManager
+from serving.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
 
 class RegistryWatcher:
     def __init__(
-        self, manager: AdapterManager, sessions: async_sessionmaker[AsyncSession], poll_seconds: float
+        self,
+        manager: AdapterManager,
+        sessions: async_sessionmaker[AsyncSession],
+        poll_seconds: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self.manager = manager
         self.sessions = sessions
         self.poll_seconds = poll_seconds
+        self.metrics = metrics
         self._task: asyncio.Task[None] | None = None
-        self.swaps = 0
+        self._last_finished_run: int | None = None
 
     async def sync_once(self) -> None:
         async with self.sessions() as session:
             wanted = await session.run_sync(adapter_registry.active_versions)
+            finished = await session.run_sync(tuning_runs.finished_since, self._last_finished_run)
         for alias, record in wanted.items():
             current = self.manager.aliases.get(alias)
             if current is not None and current.version_id == (record.id if record else None):
                 continue
             if await self.manager.set_active(alias, record):
-                self.swaps += current is not None
                 log.info("alias now serves", alias=alias, version=record.label if record else "base")
+                if current is not None and self.metrics is not None:
+                    self.metrics.swaps.labels(alias).inc()
+            elif self.metrics is not None:
+                self.metrics.swap_failures.labels(alias).inc()
+        self._observe_rounds(finished)
+
+    def _observe_rounds(self, finished: list[tuning_runs.FinishedRun]) -> None:
+        """Rounds run in their own processes; each server counts those that ended since it started."""
+        first_poll = self._last_finished_run is None
+        if finished:
+            self._last_finished_run = max(run.id for run in finished)
+        elif first_poll:
+            self._last_finished_run = 0
+        if first_poll or self.metrics is None:
+            return
+        for run in finished:
+            self.metrics.rounds.labels(run.alias, run.status).inc()
+            self.metrics.round_seconds.labels(run.alias, run.status).observe(run.seconds)
 
     async def _run(self) -> None:
         while True:

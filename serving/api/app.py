@@ -10,6 +10,7 @@ import anyio
 import structlog
 from advanced_alchemy.extensions.litestar import AsyncSessionConfig, SQLAlchemyAsyncConfig, SQLAlchemyPlugin
 from litestar import Litestar
+from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -19,13 +20,16 @@ from feedback.db import is_sqlite, make_async_engine
 from serving import base_model
 from serving.adapters.hot_swap import RegistryAccess, RegistryWatcher
 from serving.adapters.manager import AdapterManager
+from serving.api.admin import AdminController
 from serving.api.chat import ChatController
 from serving.api.dependencies import DEPENDENCIES
 from serving.api.errors import EXCEPTION_HANDLERS
 from serving.api.health import HealthController
 from serving.api.models import ModelsController
+from serving.api.web import WebController, static_router
 from serving.completions import ChatService
 from serving.engine.simple import SimpleEngine
+from serving.metrics import Metrics, version_labels
 from serving.settings import DEFAULT_ALIAS, Settings
 
 log = structlog.get_logger(__name__)
@@ -78,6 +82,12 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
         create_all=False,
     )
 
+    metrics = Metrics()
+
+    def count_rating(served_by: str, alias: str | None, rating: int) -> None:
+        direction = {1: "up", -1: "down"}.get(rating, "retracted")
+        metrics.ratings.labels(*version_labels(served_by, alias), direction).inc()
+
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(prepare_database, settings)
@@ -95,7 +105,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
             report_failure=access.report_failure,
         )
         await rt.engine.start()
-        watcher = RegistryWatcher(manager, sessions, settings.swap_poll_seconds)  # type: ignore[arg-type]
+        metrics.bind_gauges(
+            lambda: rt.engine.waiting, lambda: rt.engine.running, lambda: len(rt.engine.loaded_adapters)
+        )
+        app.state.metrics = metrics
+        watcher = RegistryWatcher(manager, sessions, settings.swap_poll_seconds, metrics)  # type: ignore[arg-type]
         await watcher.sync_once()
         watcher.start()
         app.state.adapters = manager
@@ -108,6 +122,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
             sessions,  # type: ignore[arg-type]
             default_max_tokens=settings.default_max_tokens,
             max_context_tokens=settings.max_context_tokens,
+            metrics=metrics,
         )
         app.state.ready = True
         log.info("ready", model=rt.base_model_id, aliases=sorted(manager.aliases))
@@ -119,8 +134,16 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
             await rt.engine.stop()
 
     return Litestar(
-        route_handlers=[ChatController, ModelsController, FeedbackController, HealthController],
-        dependencies=DEPENDENCIES,
+        route_handlers=[
+            ChatController,
+            ModelsController,
+            FeedbackController,
+            AdminController,
+            HealthController,
+            WebController,
+            static_router,
+        ],
+        dependencies=DEPENDENCIES | {"on_rating": Provide(lambda: count_rating, sync_to_thread=False)},
         plugins=[SQLAlchemyPlugin(config=db_config)],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,

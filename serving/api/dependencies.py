@@ -8,15 +8,14 @@ from litestar import Request
 from litestar.datastructures import State
 from litestar.di import Provide
 
-from feedback.callers import LOCAL_CALLER, Caller
+from feedback.callers import Caller
 from serving.adapters.manager import AdapterManager
+from serving.api.auth import caller_of
 from serving.completions import ChatService
 
 
 def provide_caller(request: Request[Any, Any, Any]) -> Caller:
-    """Who is calling; authentication middleware puts a Caller in the scope, the keyless mode is local."""
-    caller = request.scope.get("state", {}).get("caller")
-    return caller if isinstance(caller, Caller) else LOCAL_CALLER
+    return caller_of(request)
 
 
 def provide_chat(state: State) -> ChatService:

@@ -74,44 +74,54 @@ def _param_of_validation(exc: ValidationException) -> tuple[str, str | None]:
     return exc.detail or "invalid request", None
 
 
-def handle_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+def _answer(
+    request: Request[Any, Any, Any], status: int, message: str, *, code: str | None = None, param: str | None = None
+) -> Response[Any]:
+    """The error response, counted in the app's metrics."""
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(str(status), code or "").inc()
+    return error_response(status, message, code=code, param=param)
+
+
+def handle_validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
     message, param = _param_of_validation(exc)
-    return error_response(400, message, code="invalid_value" if param else "invalid_request", param=param)
+    return _answer(request, 400, message, code="invalid_value" if param else "invalid_request", param=param)
 
 
-def handle_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     status = exc.status_code
     if status >= 500:
         log.error("server error", status=status, detail=exc.detail)
-        return error_response(status, "the server could not handle this request", code="server_error")
-    return error_response(status, exc.detail or "bad request", code=_TYPES.get(status, "invalid_request"))
+        return _answer(request, status, "the server could not handle this request", code="server_error")
+    return _answer(request, status, exc.detail or "bad request", code=_TYPES.get(status, "invalid_request"))
 
 
-def handle_api_error(_: Request[Any, Any, Any], exc: APIError) -> Response[Any]:
-    return error_response(exc.status, exc.message, code=exc.code, param=exc.param)
+def handle_api_error(request: Request[Any, Any, Any], exc: APIError) -> Response[Any]:
+    return _answer(request, exc.status, exc.message, code=exc.code, param=exc.param)
 
 
-def handle_feedback_error(_: Request[Any, Any, Any], exc: FeedbackError) -> Response[Any]:
-    return error_response(exc.status_code, str(exc), code=exc.code, param=exc.param)
+def handle_feedback_error(request: Request[Any, Any, Any], exc: FeedbackError) -> Response[Any]:
+    return _answer(request, exc.status_code, str(exc), code=exc.code, param=exc.param)
 
 
-def handle_unknown_model(_: Request[Any, Any, Any], exc: UnknownModel) -> Response[Any]:
-    return error_response(404, str(exc), code="model_not_found", param="model")
+def handle_unknown_model(request: Request[Any, Any, Any], exc: UnknownModel) -> Response[Any]:
+    return _answer(request, 404, str(exc), code="model_not_found", param="model")
 
 
-def handle_adapter_unavailable(_: Request[Any, Any, Any], exc: AdapterUnavailable) -> Response[Any]:
-    return error_response(503, str(exc), code="adapter_unavailable", param="model")
+def handle_adapter_unavailable(request: Request[Any, Any, Any], exc: AdapterUnavailable) -> Response[Any]:
+    return _answer(request, 503, str(exc), code="adapter_unavailable", param="model")
 
 
-def handle_overloaded(_: Request[Any, Any, Any], exc: EngineOverloaded) -> Response[Any]:
-    response = error_response(429, f"the server is busy: {exc}; retry shortly", code="overloaded")
+def handle_overloaded(request: Request[Any, Any, Any], exc: EngineOverloaded) -> Response[Any]:
+    response = _answer(request, 429, f"the server is busy: {exc}; retry shortly", code="overloaded")
     response.headers["retry-after"] = "1"
     return response
 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unhandled error", path=request.url.path, error=type(exc).__name__)
-    return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal server error", code="server_error")
+    return _answer(request, HTTP_500_INTERNAL_SERVER_ERROR, "internal server error", code="server_error")
 
 
 EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {

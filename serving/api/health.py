@@ -1,4 +1,4 @@
-"""`/health` (the process is alive) and `/ready` (model loaded, database reachable)."""
+"""Operations: `/health` (alive), `/ready` (model loaded, database reachable), `/metrics` (Prometheus)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from serving.api.errors import error_response
+from serving.metrics import CONTENT_TYPE
 
 
 class HealthController(Controller):
@@ -28,3 +29,7 @@ class HealthController(Controller):
         except Exception as exc:
             return error_response(503, f"database unreachable: {type(exc).__name__}", code="not_ready")
         return Response({"status": "ready", "model": state.adapters.base.label})
+
+    @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def metrics(self, state: State) -> Response[bytes]:
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)

@@ -74,6 +74,7 @@ class SimpleEngine:
         self._free_slots = list(range(max_loaded_adapters, BASE_SLOT, -1))
         self._work: queue.Queue[_Sequence | _Command | object] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._running = 0
 
     # -- interface -------------------------------------------------------------------------
     @property
@@ -87,6 +88,10 @@ class SimpleEngine:
     @property
     def waiting(self) -> int:
         return self._work.qsize()
+
+    @property
+    def running(self) -> int:
+        return self._running
 
     async def start(self) -> None:
         if self._thread is None:
@@ -175,11 +180,14 @@ class SimpleEngine:
                 except BaseException as exc:  # handed to the awaiting coroutine
                     item.done(None, exc)
             elif isinstance(item, _Sequence):
+                self._running = 1
                 try:
                     self._run_sequence(item)
                 except BaseException as exc:
                     log.exception("generation failed", request_id=item.request.request_id)
                     item.emit(exc)
+                finally:
+                    self._running = 0
 
     def _run_sequence(self, sequence: _Sequence) -> None:
         request, params = sequence.request, sequence.request.sampling

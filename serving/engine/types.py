@@ -69,6 +69,16 @@ class Engine(Protocol):
     @property
     def max_loaded_adapters(self) -> int: ...
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued, not yet generating."""
+        ...
+
+    @property
+    def running(self) -> int:
+        """Sequences generating now."""
+        ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...

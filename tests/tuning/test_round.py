@@ -70,7 +70,7 @@ def test_round_trains_registers_and_promotes_a_new_version(settings: Settings) -
         assert run.produced_version_id == version.id and run.data_counts["kto_rows"] == 8
         assert "kto" in run.metrics
         assert len(session.scalars(select(FeedbackUse)).all()) == 8
-        assert training_data.unconsumed_ratings(session, "default") == []
+        assert training_data.rated_answers(session, "default") == []
     engine.dispose()
 
     again = run_round(settings, FAST, alias="default", trigger="manual")
@@ -103,6 +103,6 @@ def test_a_crash_mid_training_changes_nothing_but_the_run_record(
         assert session.get(Adapter, "default").active_version_id is None
         run = session.get(TuningRun, outcome.run_id)
         assert run.status == RunStatus.FAILED and "simulated crash" in run.error
-        assert len(training_data.unconsumed_ratings(session, "default")) == 8
+        assert len(training_data.rated_answers(session, "default")) == 8
     engine.dispose()
     assert not any(settings.adapters_path.glob("default/v*"))
