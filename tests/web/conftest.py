@@ -76,7 +76,16 @@ def screenshot(page: Page, tmp_path: Path) -> Callable[[str], Path]:
 
     def take(name: str) -> Path:
         path = tmp_path / f"{name}.png"
+        # The chat page scrolls its conversation inside the window: grow the window so all of it is in the picture.
+        hidden = page.evaluate(
+            "() => { const list = document.querySelector('.messages');"
+            " return list ? list.scrollHeight - list.clientHeight : 0; }"
+        )
+        size = page.viewport_size or VIEWPORT
+        if hidden > 0:
+            page.set_viewport_size({"width": size["width"], "height": size["height"] + hidden})
         page.screenshot(path=path, full_page=True)
+        page.set_viewport_size(size)
         if target := os.environ.get("LORALOOP_TEST_SCREENSHOTS_DIR"):
             Path(target).mkdir(parents=True, exist_ok=True)
             shutil.copy(path, Path(target) / path.name)

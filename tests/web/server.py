@@ -69,6 +69,8 @@ def running_server(data_dir: Path, base_model: Path, *, max_tokens: int = 24) ->
         "LORALOOP_SWAP_POLL_SECONDS": "0.3",
         "LORALOOP_DEFAULT_MAX_TOKENS": str(max_tokens),
         "LORALOOP_LOG_FORMAT": "json",
+        # The tests start their own rounds; a server's scheduled round would race them.
+        "LORALOOP_TUNING_SCHEDULE_ENABLED": "false",
     }
     log_path = data_dir / "server.log"
     with log_path.open("w") as log:

@@ -18,7 +18,10 @@ from tests.web.server import RunningServer, running_server
 from tuning.round import run_round
 from tuning.settings import TuningSettings
 
-FAST = TuningSettings(max_steps=2, batch_size=4, learning_rate=1e-3, precision="fp32", max_length=128)
+# canary_share=0: a version that passes the gate is promoted at once, so the second round trains on the first.
+FAST = TuningSettings(
+    max_steps=2, batch_size=4, learning_rate=1e-3, precision="fp32", max_length=128, canary_share=0, gate_probe_tokens=8
+)
 QUESTIONS = [
     "What is the capital of France?",
     "Give me a tip for sleeping better.",
@@ -49,7 +52,7 @@ def chat_and_rate(server: RunningServer, *, up: int, down: int) -> str:
 def tune_and_wait(server: RunningServer, expected: str) -> None:
     """One real tuning round on the server's database; then waits until the server answers with its version."""
     outcome = run_round(server.settings(), FAST, alias="default", trigger="manual")
-    assert (outcome.status, outcome.version) == ("succeeded", expected), outcome.reason
+    assert outcome.status in ("promoted", "succeeded") and outcome.version == expected, outcome.summary()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         models = httpx.get(f"{server.url}/v1/models").json()["data"]
@@ -88,8 +91,8 @@ def test_dashboard_after_two_rounds(
     section = page.locator("section.alias[data-alias='default']")
     versions = section.get_by_role("table", name="Versions of default")
     expect(versions.locator("tbody tr")).to_have_count(3)  # default@2, default@1 and the base model
-    expect(versions.locator("tr[data-label='default@2'] .badge")).to_have_text("active")
-    expect(versions.locator("tr[data-label='default@1'] .badge")).to_have_text("retired")
+    expect(versions.locator("tr[data-label='default@2'] .status-cell .badge")).to_have_text("active")
+    expect(versions.locator("tr[data-label='default@1'] .status-cell .badge")).to_have_text("retired")
     expect(versions.locator("tr[data-label='default@2']")).to_contain_text("default@1")  # its parent
     expect(versions.locator("tr[data-label='default@2']")).to_contain_text("3 up · 1 down")
     expect(versions.locator("tr[data-label='default@1']")).to_contain_text("5 up · 3 down")
@@ -116,7 +119,7 @@ def test_rollback_and_promote_from_the_page(page: Page, looped_server: RunningSe
     page.get_by_role("dialog").get_by_role("button", name="Roll back").click()
     expect(page.get_by_role("status").filter(has_text="rolled back")).to_contain_text("default@1")
     assert active_version(looped_server) == "default@1"
-    expect(section.locator("tr[data-label='default@1'] .badge")).to_have_text("active")
+    expect(section.locator("tr[data-label='default@1'] .status-cell .badge")).to_have_text("active")
 
     section.get_by_role("button", name="Promote default@2").click()
     page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
