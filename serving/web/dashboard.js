@@ -228,6 +228,7 @@ function aliasSection(name) {
     chart: el("figure", { class: "chart", "data-alias": name }),
     legend: el("ul", { class: "legend", "aria-label": "Versions in the chart" }),
     rollback: el("button", { type: "button", class: "ghost", "aria-label": `Roll back ${name}` }, "Roll back"),
+    events: el("div", { class: "events", hidden: true }),
   };
   section.rollback.addEventListener("click", () => rollback(name));
   section.node = el(
@@ -255,21 +256,29 @@ function aliasSection(name) {
     ),
     el("h3", {}, "Live up-rate per version"),
     el("div", { class: "chart-wrap" }, section.chart, section.legend),
+    section.events,
   );
   sections.set(name, section);
   ui.aliases.append(section.node);
   return section;
 }
 
-function renderAlias(alias, points, windowHours) {
+function renderAlias(alias, points, events, windowHours) {
   const section = aliasSection(alias.name);
-  renderIfChanged(section.facts, [alias.active, alias.serving, alias.canary, alias.canary_share, alias.base?.label], () => {
+  const facts = [alias.active, alias.serving, alias.canary, alias.canary_share, alias.canary_started_at, alias.pinned];
+  renderIfChanged(section.facts, [facts, alias.versions.map((v) => [v.label, v.parent])], () => {
     const fact = (term, value) => el("div", {}, el("dt", {}, term), el("dd", { class: "mono" }, value));
     section.facts.replaceChildren(
       fact("Active version", alias.active ?? `none (base model)`),
       fact("Serving on this server", alias.serving ?? "–"),
-      fact("Canary", alias.canary ? `${alias.canary} · ${percent(alias.canary_share)} of requests` : "none"),
+      fact(
+        "Canary",
+        alias.canary
+          ? `${alias.canary} · ${percent(alias.canary_share)} of requests${alias.canary_started_at ? ` since ${when(alias.canary_started_at)}` : ""}`
+          : "none",
+      ),
       fact("Base model", alias.base?.label ?? "–"),
+      alias.pinned === undefined ? null : fact("Pinned", alias.pinned ? "yes: rounds and canaries leave it alone" : "no"),
     );
     section.lineage.replaceChildren(el("span", { class: "muted" }, "Lineage:"), ...lineage(alias));
     section.rollback.disabled = !alias.active;
@@ -313,6 +322,8 @@ function renderAlias(alias, points, windowHours) {
     el("figcaption", { class: "muted small" }, "Shaded: 95 % Wilson interval. Hover a dot for its counts. Dashed: a promotion."),
   );
 
+  renderIfChanged(section.events, events, () => renderEvents(section.events, events));
+
   const tallies = [alias.base, ...alias.versions].filter((v) => v && (v.up || v.down || byLabel.has(v.label)));
   renderIfChanged(section.legend, tallies, () => {
     section.legend.replaceChildren(
@@ -334,6 +345,37 @@ function renderAlias(alias, points, windowHours) {
     );
     if (!tallies.length) section.legend.append(el("li", { class: "muted" }, "No ratings yet."));
   });
+}
+
+/** The registry's decisions (promotions, rollbacks, canary verdicts…) with their reasons, when the server keeps them. */
+function renderEvents(container, events) {
+  container.hidden = !events;
+  if (!events) return;
+  container.replaceChildren(
+    el("h3", {}, "Recent decisions"),
+    events.length
+      ? el(
+          "table",
+          { class: "events-table", "aria-label": "Recent registry decisions" },
+          el("thead", {}, el("tr", {}, ["When", "Action", "Version", "By", "Why"].map((t) => el("th", { scope: "col" }, t)))),
+          el(
+            "tbody",
+            {},
+            events.map((e) =>
+              el(
+                "tr",
+                {},
+                el("td", { class: "num" }, when(e.created_at)),
+                el("td", {}, e.action.replaceAll("_", " ")),
+                el("td", { class: "mono" }, e.version ?? "–"),
+                el("td", {}, e.actor),
+                el("td", { class: "small" }, e.reason),
+              ),
+            ),
+          ),
+        )
+      : el("p", { class: "muted" }, "No decisions yet."),
+  );
 }
 
 function renderRuns(runs, labels) {
@@ -387,9 +429,15 @@ async function refresh() {
     const query = (name) =>
       `/v1/admin/stats/uprate?alias=${encodeURIComponent(name)}&bucket_seconds=${BUCKETS[windowHours]}&hours=${windowHours}`;
     const series = await Promise.all(aliases.map((alias) => apiJSON(query(alias.name))));
+    // The decision log is newer than the rest of the admin API: a server without it just shows no log.
+    const events = await Promise.all(
+      aliases.map((alias) =>
+        apiJSON(`/v1/admin/adapters/${encodeURIComponent(alias.name)}/events?limit=8`).catch(() => null),
+      ),
+    );
     ui.notice.hidden = true;
     ui.content.hidden = false;
-    aliases.forEach((alias, i) => renderAlias(alias, series[i], windowHours));
+    aliases.forEach((alias, i) => renderAlias(alias, series[i], events[i], windowHours));
     const labels = new Map(aliases.flatMap((alias) => alias.versions.map((v) => [v.id, v.label])));
     renderRuns(runs, labels);
     refreshes += 1;
