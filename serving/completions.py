@@ -124,17 +124,25 @@ class ChatService:
             recorded_sampling=sampling_dict(request, max_tokens) | {"temperature": temperature, "top_p": top_p},
         )
 
-    async def _generate(
-        self, prepared: PreparedChat, target: ServingTarget, outcome: _Outcome
-    ) -> AsyncIterator[GenerationChunk]:
+    def _start(self, prepared: PreparedChat, target: ServingTarget) -> AsyncIterator[GenerationChunk]:
+        """Hand the request to the engine now, so a full queue is refused (429) before any response starts."""
         engine_request = GenerationRequest(
             request_id=prepared.completion_id,
             prompt_token_ids=prepared.prompt_token_ids,
             sampling=prepared.sampling,
             adapter_key=target.key,
         )
+        return self.engine.generate(engine_request)
+
+    async def _generate(
+        self,
+        prepared: PreparedChat,
+        target: ServingTarget,
+        outcome: _Outcome,
+        chunks: AsyncIterator[GenerationChunk],
+    ) -> AsyncIterator[GenerationChunk]:
         labels = version_labels(target.label, target.alias)
-        async for chunk in self.engine.generate(engine_request):
+        async for chunk in chunks:
             if chunk.text:
                 now = time.perf_counter()
                 if outcome.first_token_at is None:
@@ -147,6 +155,8 @@ class ChatService:
                 outcome.finish_reason = chunk.finish_reason
                 outcome.prompt_tokens = chunk.prompt_tokens
                 outcome.completion_tokens = chunk.completion_tokens
+                if chunk.cache is not None and self.metrics is not None:  # the response pre-cache answered or missed
+                    self.metrics.response_cache.labels(chunk.cache).inc()
             yield chunk
 
     async def _record(
@@ -193,7 +203,7 @@ class ChatService:
         started = time.perf_counter()
         outcome = _Outcome()
         async with self.adapters.lease(request.model) as target:
-            async for _ in self._generate(prepared, target, outcome):
+            async for _ in self._generate(prepared, target, outcome, self._start(prepared, target)):
                 pass
         await self._record(prepared, request, caller, target, outcome, started)
         usage = Usage(
@@ -214,7 +224,12 @@ class ChatService:
         prepared = self.prepare(request)
         lease = self.adapters.lease(request.model)
         target = await lease.__aenter__()
-        return self._stream_events(prepared, request, caller, target, lease), target
+        try:
+            chunks = self._start(prepared, target)
+        except BaseException:
+            await lease.__aexit__(None, None, None)
+            raise
+        return self._stream_events(prepared, request, caller, target, lease, chunks), target
 
     async def _stream_events(
         self,
@@ -223,6 +238,7 @@ class ChatService:
         caller: Caller,
         target: ServingTarget,
         lease: Any,
+        chunks: AsyncIterator[GenerationChunk],
     ) -> AsyncIterator[str]:
         started = time.perf_counter()
         created = int(time.time())
@@ -236,7 +252,7 @@ class ChatService:
         recorded = False
         try:
             yield event([ChunkChoice(0, Delta(role="assistant", content=""))])
-            async for chunk in self._generate(prepared, target, outcome):
+            async for chunk in self._generate(prepared, target, outcome, chunks):
                 if chunk.text:
                     yield event([ChunkChoice(0, Delta(content=chunk.text))])
             await self._record(prepared, request, caller, target, outcome, started)

@@ -56,6 +56,12 @@ class Metrics:
         self.queue_depth = Gauge("loraloop_queue_depth", "Requests waiting for the engine", registry=r)
         self.running = Gauge("loraloop_running_sequences", "Sequences generating now", registry=r)
         self.loaded_adapters = Gauge("loraloop_loaded_adapters", "Adapter versions loaded in slots", registry=r)
+        self.response_cache = Counter(
+            "loraloop_response_cache_lookups",
+            "Deterministic requests looked up in the response pre-cache, by result (hit rate = hit / all)",
+            ["result"],
+            registry=r,
+        )
         self.swaps = Counter("loraloop_adapter_swaps", "Aliases switched to another version", ["alias"], registry=r)
         self.swap_failures = Counter(
             "loraloop_adapter_load_failures", "Versions refused at load (hash, config, files)", ["alias"], registry=r

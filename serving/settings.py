@@ -51,6 +51,31 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(32, ge=1, le=256, description="Largest LoRA rank the server accepts.")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none.")
     max_context_tokens: int = Field(2048, ge=64, description="Prompt plus completion may not exceed this.")
+    engine: Literal["batched", "simple"] = Field(
+        "batched",
+        description="batched: continuous batching, mixed adapters in one forward (Llama-family models); "
+        "simple: one sequence at a time through transformers (any causal LM; used when batched cannot run it).",
+    )
+    max_running_sequences: int = Field(
+        32, ge=1, le=1024, description="Sequences generating at once; each holds a KV cache row of max_context_tokens."
+    )
+    max_batched_tokens: int = Field(
+        256,
+        ge=16,
+        le=65536,
+        description="Tokens per forward pass (decode rows plus prompt chunks); longer prompts are prefilled in chunks.",
+    )
+    max_waiting_requests: int = Field(
+        256, ge=0, description="Requests queued for a free sequence slot; beyond this the API answers 429 at once."
+    )
+    engine_threads: int = Field(
+        0, ge=0, le=1024, description="Threads for the engine's tensor maths; 0 keeps PyTorch's default."
+    )
+    response_cache_entries: int = Field(
+        0,
+        ge=0,
+        description="Deterministic answers (temperature 0 or a fixed seed) remembered per adapter version; 0 = off.",
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="json for machines, console for people; auto picks console on a terminal."
     )

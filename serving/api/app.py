@@ -54,10 +54,10 @@ def build_runtime(settings: Settings) -> Runtime:
     log.info("loading base model", model=source.model_id, path=str(source.path), device=str(device), dtype=str(dtype))
     model = base_model.load_model(source.path, device, dtype)
     tokenizer = base_model.load_tokenizer(source.path)
-    engine = SimpleEngine(
-        model, tokenizer, max_loaded_adapters=settings.max_loaded_adapters, max_lora_rank=settings.max_lora_rank
-    )
-    return Runtime(model=model, tokenizer=tokenizer, engine=engine, base_model_id=source.model_id)
+    from serving.engine.factory import build_engine  # here, not at the top: the engine's choice is this function's
+
+    engine = build_engine(model, tokenizer, settings)
+    return Runtime(model=model, tokenizer=tokenizer, engine=engine, base_model_id=source.model_id)  # type: ignore[arg-type]
 
 
 class DatabaseNotMigrated(RuntimeError):

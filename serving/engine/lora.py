@@ -73,27 +73,11 @@ class LoRASlots:
         """Copy an adapter into a slot (scaling folded into B); unknown keys reject the adapter."""
         if not BASE_SLOT < slot < self.num_slots:
             raise ValueError(f"slot {slot} out of range")
-        if weights.rank > self.max_rank:
-            raise AdapterRejected(f"rank {weights.rank} exceeds the serving limit {self.max_rank}")
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in weights.tensors.items():
-            # base_model.model.<module path>.lora_A.weight  (PEFT's saved layout)
-            stem, _, kind = key.removesuffix(".weight").rpartition(".")
-            module = stem.removeprefix("base_model.model.")
-            if kind not in {"lora_A", "lora_B"} or module not in self.layers:
-                raise AdapterRejected(f"adapter tensor {key!r} matches no servable layer of this base model")
-            pairs.setdefault(module, {})[kind] = tensor
-        for module, pair in pairs.items():  # check everything before touching the slot
-            if set(pair) != {"lora_A", "lora_B"}:
-                raise AdapterRejected(f"layer {module} has only {sorted(pair)}")
-            layer = self.layers[module]
-            a, b = pair["lora_A"], pair["lora_B"]  # [r, in], [out, r]
-            if a.shape != (weights.rank, layer.base.in_features) or b.shape != (layer.base.out_features, weights.rank):
-                raise AdapterRejected(f"layer {module}: shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit the model")
+        shapes = {name: (layer.base.in_features, layer.base.out_features) for name, layer in self.layers.items()}
+        pairs = lora_pairs(weights, shapes, self.max_rank)
         self.clear(slot)
-        for module, pair in pairs.items():
+        for module, (a, b) in pairs.items():
             layer = self.layers[module]
-            a, b = pair["lora_A"], pair["lora_B"]
             layer.lora_a[slot, : weights.rank].copy_(a)
             layer.lora_b[slot, :, : weights.rank].copy_(b * weights.scaling)
 
@@ -102,3 +86,33 @@ class LoRASlots:
         for layer in self.layers.values():
             layer.lora_a[slot].zero_()
             layer.lora_b[slot].zero_()
+
+
+def lora_pairs(
+    weights: LoRAWeights, shapes: dict[str, tuple[int, int]], max_rank: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Check an adapter against a model's layers and pair its tensors: {module path: (A [r, in], B [out, r])}.
+
+    `shapes` maps each servable module path (`model.layers.0.self_attn.q_proj`) to (in, out) features.
+    Everything is checked before anything is copied, so a bad adapter never half-fills a slot.
+    """
+    if weights.rank > max_rank:
+        raise AdapterRejected(f"rank {weights.rank} exceeds the serving limit {max_rank}")
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.tensors.items():
+        # base_model.model.<module path>.lora_A.weight  (PEFT's saved layout)
+        stem, _, kind = key.removesuffix(".weight").rpartition(".")
+        module = stem.removeprefix("base_model.model.")
+        if kind not in {"lora_A", "lora_B"} or module not in shapes:
+            raise AdapterRejected(f"adapter tensor {key!r} matches no servable layer of this base model")
+        found.setdefault(module, {})[kind] = tensor
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module, pair in found.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise AdapterRejected(f"layer {module} has only {sorted(pair)}")
+        a, b = pair["lora_A"], pair["lora_B"]
+        in_features, out_features = shapes[module]
+        if a.shape != (weights.rank, in_features) or b.shape != (out_features, weights.rank):
+            raise AdapterRejected(f"layer {module}: shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit the model")
+        pairs[module] = (a, b)
+    return pairs

@@ -12,6 +12,7 @@ from typing import Literal, Protocol
 from serving.adapters.store import LoRAWeights
 
 FinishReason = Literal["stop", "length", "cancelled"]
+CacheOutcome = Literal["hit", "miss"]
 
 
 class EngineOverloaded(RuntimeError):
@@ -48,11 +49,16 @@ class GenerationChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
+    cache: CacheOutcome | None = None  # on the last chunk of a cacheable request, when a response cache is on
 
 
 class Engine(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream the answer; closing the iterator early cancels the sequence and frees its memory."""
+        """Stream the answer; closing the iterator early cancels the sequence and frees its memory.
+
+        An engine may queue the request at the call itself (and raise `EngineOverloaded` there), so
+        callers should call it before they start answering.
+        """
         ...
 
     async def load_adapter(self, key: str, weights: LoRAWeights) -> None:
