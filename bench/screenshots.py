@@ -41,7 +41,8 @@ def main() -> None:
     env = os.environ | {"LORALOOP_TEST_SCREENSHOTS_DIR": str(out_dir)}
     if not args.tiny:
         env["LORALOOP_TEST_WEB_MODEL"] = "bundled"
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS]
+    # Two rounds with the real model and its gate take minutes on a small CPU: more than the suite's per-test limit.
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout", "3600", *TESTS]
     result = subprocess.run(command, cwd=ROOT, env=env, check=False)
     for name, what in PICTURES.items():
         path = out_dir / name

@@ -94,6 +94,11 @@ function keepScrolledDown() {
   if (list.scrollHeight - list.scrollTop - list.clientHeight < 120) list.scrollTop = list.scrollHeight;
 }
 
+function chosenModel() {
+  // The picker is empty when /v1/models failed (no key yet, say): `default` always exists.
+  return ui.model.value || "default";
+}
+
 function samplingOptions(extra = {}) {
   const options = { ...extra };
   const maxTokens = Number.parseInt(ui.maxTokens.value, 10);
@@ -357,7 +362,7 @@ async function ask(text) {
   turns.push(turn);
   ui.messages.append(turn.node);
   keepScrolledDown();
-  await whileGenerating((signal) => answer.generate(turn.messages, ui.model.value, samplingOptions(), signal));
+  await whileGenerating((signal) => answer.generate(turn.messages, chosenModel(), samplingOptions(), signal));
   answer.regenerate.disabled = !answer.id;
 }
 
@@ -390,7 +395,7 @@ async function regenerate(turn) {
   // Greedy decoding would repeat the first answer word for word: the second one is sampled.
   const temperature = Number.parseFloat(ui.temperature.value);
   const options = samplingOptions(Number.isFinite(temperature) ? { temperature } : {});
-  await whileGenerating((signal) => second.generate(turn.messages, ui.model.value, options, signal));
+  await whileGenerating((signal) => second.generate(turn.messages, chosenModel(), options, signal));
   const ready = first.id && second.id;
   for (const button of buttons) button.disabled = !ready;
   if (!ready) turn.choiceNote.textContent = "Both answers are needed to compare.";

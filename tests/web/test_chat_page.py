@@ -3,9 +3,11 @@ retracting, and the side-by-side comparison, each checked where it must land: in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import Locator, Page, expect
 from sqlalchemy import select
@@ -133,3 +135,16 @@ def test_the_api_key_is_kept_and_sent(page: Page, server: RunningServer) -> None
     with page.expect_request("**/v1/models") as request:
         page.reload()
     assert request.value.headers["authorization"] == "Bearer sk-browser-test"
+
+
+def test_pages_and_scripts_come_from_the_app_alone(server: RunningServer) -> None:
+    for path in ("/", "/dashboard", "/static/chat.js", "/static/dashboard.js", "/static/style.css"):
+        response = httpx.get(f"{server.url}{path}")
+        assert response.status_code == 200, path
+        assert "no-cache" in response.headers["cache-control"]  # an upgraded server never runs stale scripts
+    assert "javascript" in httpx.get(f"{server.url}/static/api.js").headers["content-type"]  # ES modules need it
+    # Nothing is fetched from elsewhere: the machines these run on may have no internet at all.
+    web = Path(__file__).resolve().parents[2] / "serving" / "web"
+    for file in web.iterdir():
+        urls = re.findall(r"https?://[^\s\"'`)]+", file.read_text())
+        assert set(urls) <= {"http://www.w3.org/2000/svg"}, (file.name, urls)

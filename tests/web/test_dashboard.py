@@ -19,8 +19,9 @@ from tuning.round import run_round
 from tuning.settings import TuningSettings
 
 # canary_share=0: a version that passes the gate is promoted at once, so the second round trains on the first.
+# A gentle learning rate: with the bundled model (bench/screenshots.py) a harsher one fails the gate's factual probes.
 FAST = TuningSettings(
-    max_steps=2, batch_size=4, learning_rate=1e-3, precision="fp32", max_length=128, canary_share=0, gate_probe_tokens=8
+    max_steps=2, batch_size=4, learning_rate=1e-4, precision="fp32", max_length=128, canary_share=0, gate_probe_tokens=8
 )
 QUESTIONS = [
     "What is the capital of France?",
