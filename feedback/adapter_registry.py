@@ -7,11 +7,12 @@ Serving reads it (what to serve), tuning writes it (register, promote), admins s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from feedback.models import Adapter, AdapterVersion, VersionStatus, utcnow
+from feedback.models import Adapter, AdapterVersion, RegistryEvent, VersionStatus, utcnow
 
 
 class RegistryError(ValueError):
@@ -38,6 +39,28 @@ class VersionRecord:
         return cls(row.id, row.adapter_name, row.version, row.path, row.sha256, row.status)
 
 
+def record_event(
+    session: Session,
+    alias: str,
+    version_id: int | None,
+    action: str,
+    actor: str,
+    reason: str,
+    evidence: dict[str, Any] | None = None,
+) -> None:
+    """Every change of what an alias serves is written down with who decided and on what evidence."""
+    session.add(
+        RegistryEvent(
+            adapter_name=alias,
+            version_id=version_id,
+            action=action,
+            actor=actor,
+            reason=reason,
+            evidence=evidence or {},
+        )
+    )
+
+
 def ensure_alias(session: Session, name: str) -> Adapter:
     adapter = session.get(Adapter, name)
     if adapter is None:
@@ -53,6 +76,34 @@ def active_versions(session: Session) -> dict[str, VersionRecord | None]:
         select(Adapter.name, AdapterVersion).outerjoin(AdapterVersion, Adapter.active_version_id == AdapterVersion.id)
     ).all()
     return {name: (VersionRecord.of(version) if version is not None else None) for name, version in rows}
+
+
+@dataclass(frozen=True)
+class AliasRouting:
+    """What one alias serves: its active version (None = base) and an optional canary with its share."""
+
+    active: VersionRecord | None
+    canary: VersionRecord | None = None
+    canary_share: float = 0.0
+
+
+def routing_table(session: Session) -> dict[str, AliasRouting]:
+    records = {
+        v.id: VersionRecord.of(v)
+        for v in session.scalars(
+            select(AdapterVersion).where(
+                AdapterVersion.id.in_(select(Adapter.active_version_id).union(select(Adapter.canary_version_id)))
+            )
+        )
+    }
+    return {
+        a.name: AliasRouting(
+            active=records.get(a.active_version_id) if a.active_version_id else None,
+            canary=records.get(a.canary_version_id) if a.canary_version_id else None,
+            canary_share=a.canary_share if a.canary_version_id else 0.0,
+        )
+        for a in session.scalars(select(Adapter))
+    }
 
 
 def find_version(session: Session, name: str, version: int) -> VersionRecord | None:
@@ -92,7 +143,14 @@ def register_version(session: Session, version: AdapterVersion) -> AdapterVersio
     return version
 
 
-def promote(session: Session, version_id: int, *, reason: str = "promoted") -> AdapterVersion:
+def promote(
+    session: Session,
+    version_id: int,
+    *,
+    reason: str = "promoted",
+    actor: str = "admin",
+    evidence: dict[str, Any] | None = None,
+) -> AdapterVersion:
     """Make a version its alias's active one; the previous active version retires."""
     version = get_version(session, version_id)
     if version.status in (VersionStatus.REJECTED, VersionStatus.FAILED):
@@ -106,15 +164,83 @@ def promote(session: Session, version_id: int, *, reason: str = "promoted") -> A
         previous.retired_at = utcnow()
     version.replaced_id = adapter.active_version_id
     if adapter.canary_version_id == version.id:
-        adapter.canary_version_id = None
-        adapter.canary_share = 0.0
+        _end_canary(adapter)
     adapter.active_version_id = version.id
     version.status = VersionStatus.ACTIVE
     version.status_reason = reason
     version.promoted_at = utcnow()
     version.retired_at = None
+    record_event(session, adapter.name, version.id, "promote", actor, reason, evidence)
     session.flush()
     return version
+
+
+def _end_canary(adapter: Adapter) -> None:
+    adapter.canary_version_id = None
+    adapter.canary_share = 0.0
+    adapter.canary_started_at = None
+
+
+def start_canary(
+    session: Session, version_id: int, share: float, *, actor: str = "gate", evidence: dict[str, Any] | None = None
+) -> AdapterVersion:
+    """Serve a candidate to `share` of the alias's traffic beside the active version."""
+    version = get_version(session, version_id)
+    if version.status in (VersionStatus.REJECTED, VersionStatus.FAILED):
+        raise RegistryError(f"{version.label} is {version.status} and can never be served")
+    adapter = ensure_alias(session, version.adapter_name)
+    if adapter.canary_version_id is not None and adapter.canary_version_id != version.id:
+        end_canary(session, adapter.name, promote_it=False, actor=actor, reason="replaced by a newer canary")
+    adapter.canary_version_id = version.id
+    adapter.canary_share = share
+    adapter.canary_started_at = utcnow()
+    version.status = VersionStatus.CANARY
+    version.status_reason = f"canary at {share:.0%} of traffic"
+    record_event(session, adapter.name, version.id, "canary_start", actor, version.status_reason, evidence)
+    session.flush()
+    return version
+
+
+def end_canary(
+    session: Session,
+    alias: str,
+    *,
+    promote_it: bool,
+    actor: str,
+    reason: str,
+    evidence: dict[str, Any] | None = None,
+) -> AdapterVersion | None:
+    """Promote the canary, or take it out of traffic (status rejected: it lost to the incumbent live)."""
+    adapter = session.get(Adapter, alias)
+    if adapter is None or adapter.canary_version_id is None:
+        raise RegistryError(f"alias {alias!r} has no canary")
+    version = get_version(session, adapter.canary_version_id)
+    if promote_it:
+        return promote(session, version.id, reason=reason, actor=actor, evidence=evidence)
+    _end_canary(adapter)
+    version.status = VersionStatus.REJECTED
+    version.status_reason = reason
+    record_event(session, alias, version.id, "canary_rollback", actor, reason, evidence)
+    session.flush()
+    return None
+
+
+def reject(session: Session, version_id: int, reasons: list[str], evidence: dict[str, Any]) -> None:
+    """The gate kept a candidate out: it stays on record, never served."""
+    version = get_version(session, version_id)
+    version.status = VersionStatus.REJECTED
+    version.status_reason = "; ".join(reasons)
+    record_event(session, version.adapter_name, version.id, "reject", "gate", version.status_reason, evidence)
+    session.flush()
+
+
+def set_pinned(session: Session, alias: str, pinned: bool, *, actor: str = "admin") -> Adapter:
+    """A pinned alias keeps its version: no scheduled round or canary decision moves it."""
+    adapter = ensure_alias(session, alias)
+    adapter.pinned = pinned
+    record_event(session, alias, adapter.active_version_id, "pin" if pinned else "unpin", actor, "pinned by an admin")
+    session.flush()
+    return adapter
 
 
 def _reinstate(session: Session, adapter: Adapter, version_id: int | None, reason: str) -> AdapterVersion | None:
@@ -128,7 +254,14 @@ def _reinstate(session: Session, adapter: Adapter, version_id: int | None, reaso
     return previous
 
 
-def rollback(session: Session, name: str, *, reason: str = "rolled back") -> AdapterVersion | None:
+def rollback(
+    session: Session,
+    name: str,
+    *,
+    reason: str = "rolled back",
+    actor: str = "admin",
+    evidence: dict[str, Any] | None = None,
+) -> AdapterVersion | None:
     """Retire the active version; the alias serves what it served before it (None: the base model)."""
     adapter = session.get(Adapter, name)
     if adapter is None or adapter.active_version_id is None:
@@ -138,6 +271,7 @@ def rollback(session: Session, name: str, *, reason: str = "rolled back") -> Ada
     current.status_reason = reason
     current.retired_at = utcnow()
     previous = _reinstate(session, adapter, current.replaced_id, reason)
+    record_event(session, name, current.id, "rollback", actor, reason, evidence)
     session.flush()
     return previous
 
@@ -151,6 +285,6 @@ def mark_failed(session: Session, version_id: int, reason: str) -> None:
     if adapter is not None and adapter.active_version_id == version.id:
         _reinstate(session, adapter, version.replaced_id, f"{version.label} failed verification")
     if adapter is not None and adapter.canary_version_id == version.id:
-        adapter.canary_version_id = None
-        adapter.canary_share = 0.0
+        _end_canary(adapter)
+    record_event(session, version.adapter_name, version.id, "failed", "server", reason)
     session.flush()

@@ -14,6 +14,7 @@ from typing import Any
 from advanced_alchemy.types import DateTimeUTC
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     Float,
     ForeignKey,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -171,6 +173,9 @@ class Adapter(Base):
         ForeignKey("adapter_versions.id", use_alter=True, name="fk_adapters_canary_version_id")
     )
     canary_share: Mapped[float] = mapped_column(Float, default=0.0)
+    canary_started_at: Mapped[datetime | None]
+    # A pinned alias keeps its version: no scheduled round, canary decision or automatic rollback moves it.
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -254,3 +259,33 @@ class ComparisonUse(Base):
     comparison_id: Mapped[str] = mapped_column(ForeignKey("comparisons.id", ondelete="CASCADE"), primary_key=True)
     tuning_run_id: Mapped[int] = mapped_column(ForeignKey("tuning_runs.id"), primary_key=True)
     role: Mapped[str] = mapped_column(String(16))
+
+
+class RegistryEvent(Base):
+    """Every decision that changed (or refused to change) what an alias serves, with its evidence."""
+
+    __tablename__ = "registry_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    adapter_name: Mapped[str] = mapped_column(ForeignKey("adapters.name"), index=True)
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"))
+    action: Mapped[str] = mapped_column(String(32))  # promote, rollback, reject, canary_start, canary_promote…
+    actor: Mapped[str] = mapped_column(String(32))  # gate, canary, admin, tuning, server
+    reason: Mapped[str] = mapped_column(Text)
+    evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class Lock(Base):
+    """A named lease in the database: one holder at a time across processes and machines.
+
+    A holder renews `expires_at` while it works; a holder that died simply stops renewing, and the
+    lease can be taken over once it has expired.
+    """
+
+    __tablename__ = "locks"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    acquired_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]

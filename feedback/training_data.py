@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, exists, select, true
+from sqlalchemy import and_, exists, func, select, true
 from sqlalchemy.orm import Session, aliased
 
 from feedback.models import (
@@ -137,3 +137,31 @@ def dpo_rows(ratings: list[RatedAnswer], comparisons: list[ComparedAnswers]) -> 
         if r.correction and r.correction.strip() != r.answer.strip():
             rows.append({"prompt": r.prompt, "chosen": _assistant(r.correction), "rejected": _assistant(r.answer)})
     return rows
+
+
+def count_unused(session: Session, alias: str) -> int:
+    """How much new feedback an alias has (what the schedule waits for): ratings plus comparisons."""
+    ratings = session.scalar(
+        select(func.count())
+        .select_from(Feedback)
+        .join(Completion, Completion.id == Feedback.completion_id)
+        .where(
+            Completion.adapter_alias == alias,
+            Feedback.status == FeedbackStatus.ACTIVE,
+            Feedback.rating != 0,
+            ~exists().where(FeedbackUse.feedback_id == Feedback.id, FeedbackUse.revision == Feedback.revision),
+        )
+    )
+    first = aliased(Completion)
+    comparisons = session.scalar(
+        select(func.count())
+        .select_from(Comparison)
+        .join(first, first.id == Comparison.completion_a_id)
+        .where(
+            first.adapter_alias == alias,
+            Comparison.status == FeedbackStatus.ACTIVE,
+            Comparison.outcome != ComparisonOutcome.TIE,
+            ~exists().where(ComparisonUse.comparison_id == Comparison.id),
+        )
+    )
+    return int(ratings or 0) + int(comparisons or 0)

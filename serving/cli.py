@@ -49,13 +49,18 @@ def _fail_on_bad_config(error: ValidationError, env_prefix: str) -> None:
     sys.exit("\n".join(lines))
 
 
-def cmd_serve(settings: Settings, _: argparse.Namespace) -> None:
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     import uvicorn
 
     from serving.api.app import create_app
+    from tuning.settings import TuningSettings
 
+    try:
+        tuning = _build(TuningSettings, args, prefix="tuning_")
+    except ValidationError as error:
+        _fail_on_bad_config(error, "LORALOOP_TUNING_")
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, tuning=tuning),
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -91,7 +96,7 @@ def cmd_tune(settings: Settings, args: argparse.Namespace) -> None:
         tuning = _build(TuningSettings, args, prefix="tuning_")
     except ValidationError as error:
         _fail_on_bad_config(error, "LORALOOP_TUNING_")
-    outcome = run_round(settings, tuning, alias=args.alias, trigger="manual")
+    outcome = run_round(settings, tuning, alias=args.alias, trigger=args.trigger)
     print(json.dumps(outcome.summary(), default=str))  # one line: the last line of stdout is the result
     if outcome.status == "failed":
         sys.exit(1)
@@ -114,6 +119,9 @@ def cmd_adapters(settings: Settings, args: argparse.Namespace) -> None:
                 sys.exit(f"no version {args.target!r}: give it as alias@N")
             adapter_registry.promote(session, record.id, reason="manual promote")
             print(f"{record.label} is active")
+        elif args.action in ("pin", "unpin"):
+            adapter_registry.set_pinned(session, args.target or DEFAULT_ALIAS, args.action == "pin")
+            print(f"{args.target or DEFAULT_ALIAS} {args.action}ned")
         elif args.action == "rollback":
             parent = adapter_registry.rollback(session, args.target or DEFAULT_ALIAS, reason="manual rollback")
             print(f"{args.target or DEFAULT_ALIAS} now serves {parent.label if parent else 'the base model'}")
@@ -152,7 +160,8 @@ def parser() -> argparse.ArgumentParser:
     _settings_options(common, Settings)
     root = argparse.ArgumentParser(prog="loraloop", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", parents=[common], help="run the OpenAI-compatible server")
+    serve = sub.add_parser("serve", parents=[common], help="run the OpenAI-compatible server (and its tuning schedule)")
+    _settings_options(serve, TuningSettings, prefix="tuning-")
     sub.add_parser("prepare-model", parents=[common], help="convert the bundled model once (shows progress)")
     db = sub.add_parser("db", parents=[common], help="database migrations")
     db.add_argument("action", choices=["upgrade", "downgrade", "current"])
@@ -160,10 +169,11 @@ def parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", parents=[common], help="run one tuning round now")
     tune.add_argument("--alias", default=DEFAULT_ALIAS, help="the adapter alias to tune (default: default)")
     tune.add_argument("--once", action="store_true", help="one round, then exit (for cron; the default)")
+    tune.add_argument("--trigger", choices=["manual", "schedule"], default="manual", help=argparse.SUPPRESS)
     _settings_options(tune, TuningSettings, prefix="tuning-")
     adapters = sub.add_parser("adapters", parents=[common], help="list, promote or roll back adapter versions")
-    adapters.add_argument("action", choices=["list", "promote", "rollback"])
-    adapters.add_argument("target", nargs="?", help="alias@N to promote, or alias to roll back")
+    adapters.add_argument("action", choices=["list", "promote", "rollback", "pin", "unpin"])
+    adapters.add_argument("target", nargs="?", help="alias@N to promote, or the alias to roll back / pin / unpin")
     runs = sub.add_parser("runs", parents=[common], help="list tuning runs")
     runs.add_argument("--limit", type=int, default=20)
     return root

@@ -202,7 +202,7 @@ class ChatService:
         prepared = self.prepare(request)
         started = time.perf_counter()
         outcome = _Outcome()
-        async with self.adapters.lease(request.model) as target:
+        async with self.adapters.lease(request.model, request.user) as target:
             async for _ in self._generate(prepared, target, outcome, self._start(prepared, target)):
                 pass
         await self._record(prepared, request, caller, target, outcome, started)
@@ -222,7 +222,7 @@ class ChatService:
     async def stream(self, request: ChatCompletionRequest, caller: Caller) -> tuple[AsyncIterator[str], ServingTarget]:
         """Resolve and prepare eagerly (so errors are plain HTTP errors), then stream SSE data lines."""
         prepared = self.prepare(request)
-        lease = self.adapters.lease(request.model)
+        lease = self.adapters.lease(request.model, request.user)
         target = await lease.__aenter__()
         try:
             chunks = self._start(prepared, target)

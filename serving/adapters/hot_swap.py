@@ -39,19 +39,34 @@ class RegistryWatcher:
 
     async def sync_once(self) -> None:
         async with self.sessions() as session:
-            wanted = await session.run_sync(adapter_registry.active_versions)
+            wanted = await session.run_sync(adapter_registry.routing_table)
             finished = await session.run_sync(tuning_runs.finished_since, self._last_finished_run)
-        for alias, record in wanted.items():
-            current = self.manager.aliases.get(alias)
-            if current is not None and current.version_id == (record.id if record else None):
-                continue
-            if await self.manager.set_active(alias, record):
-                log.info("alias now serves", alias=alias, version=record.label if record else "base")
-                if current is not None and self.metrics is not None:
-                    self.metrics.swaps.labels(alias).inc()
-            elif self.metrics is not None:
-                self.metrics.swap_failures.labels(alias).inc()
+        for alias, routing in wanted.items():
+            await self._follow_active(alias, routing.active)
+            await self._follow_canary(alias, routing.canary, routing.canary_share)
         self._observe_rounds(finished)
+
+    async def _follow_active(self, alias: str, record: VersionRecord | None) -> None:
+        current = self.manager.aliases.get(alias)
+        if current is not None and current.version_id == (record.id if record else None):
+            return
+        if await self.manager.set_active(alias, record):
+            log.info("alias now serves", alias=alias, version=record.label if record else "base")
+            if current is not None and self.metrics is not None:
+                self.metrics.swaps.labels(alias).inc()
+        elif self.metrics is not None:
+            self.metrics.swap_failures.labels(alias).inc()
+
+    async def _follow_canary(self, alias: str, record: VersionRecord | None, share: float) -> None:
+        current = self.manager.canaries.get(alias)
+        have = (current[0].version_id, current[1]) if current else (None, 0.0)
+        want = (record.id, share) if record else (None, 0.0)
+        if have == want:
+            return
+        if await self.manager.set_canary(alias, record, share):
+            log.info("canary", alias=alias, version=record.label if record else None, share=share)
+        elif self.metrics is not None:
+            self.metrics.swap_failures.labels(alias).inc()
 
     def _observe_rounds(self, finished: list[tuning_runs.FinishedRun]) -> None:
         """Rounds run in their own processes; each server counts those that ended since it started."""

@@ -9,6 +9,8 @@ unloaded only after its last lease is returned.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import random
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -64,6 +66,7 @@ class AdapterManager:
         self._find_version = find_version
         self._report_failure = report_failure
         self._active: dict[str, ServingTarget] = {}
+        self._canary: dict[str, tuple[ServingTarget, float]] = {}
         self._leases: Counter[str] = Counter()
         self._resident: OrderedDict[str, ServingTarget] = OrderedDict()  # least recently used first
         self._failed: set[int] = set()
@@ -76,11 +79,26 @@ class AdapterManager:
         return dict(self._active)
 
     @property
+    def canaries(self) -> dict[str, tuple[ServingTarget, float]]:
+        return dict(self._canary)
+
+    @property
     def resident(self) -> list[ServingTarget]:
         return list(self._resident.values())
 
-    async def resolve(self, model: str) -> ServingTarget:
+    @staticmethod
+    def _draw(alias: str, user: str | None) -> float:
+        """Where a request falls in [0, 1): stable per end user (one user sees one arm), random otherwise."""
+        if not user:
+            return random.random()
+        digest = hashlib.sha256(f"{alias}\0{user}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    async def resolve(self, model: str, user: str | None = None) -> ServingTarget:
         if model in self._active:
+            canary = self._canary.get(model)
+            if canary is not None and self._draw(model, user) < canary[1]:
+                return canary[0]
             return self._active[model]
         if model == self.base.label or model == "base":
             return self.base
@@ -96,9 +114,9 @@ class AdapterManager:
         raise UnknownModel(f"the model {model!r} does not exist")
 
     @asynccontextmanager
-    async def lease(self, model: str) -> AsyncIterator[ServingTarget]:
+    async def lease(self, model: str, user: str | None = None) -> AsyncIterator[ServingTarget]:
         """Resolve `model` and keep its weights loaded until the block exits."""
-        target = await self.resolve(model)
+        target = await self.resolve(model, user)
         if target.key is not None:
             self._leases[target.key] += 1
             self._resident.move_to_end(target.key, last=True)
@@ -130,6 +148,26 @@ class AdapterManager:
             log.info("adapter swapped", alias=alias, old=current.label, new=target.label)
             asyncio.get_running_loop().create_task(self._unload_when_drained(current.key))
         return True
+
+    async def set_canary(self, alias: str, record: VersionRecord | None, share: float) -> bool:
+        """Send `share` of the alias's traffic to a candidate version (None: stop the canary)."""
+        current = self._canary.get(alias)
+        if record is None or share <= 0:
+            self._canary.pop(alias, None)
+        else:
+            if record.id in self._failed:
+                return False
+            try:
+                target = await self._ensure_loaded(record)
+            except AdapterUnavailable:
+                return False
+            self._canary[alias] = (ServingTarget(target.label, target.key, target.version_id, alias), share)
+        if current is not None and current[0].key != (self._canary.get(alias, (ServingTarget(""), 0))[0].key):
+            asyncio.get_running_loop().create_task(self._unload_when_drained(current[0].key))  # type: ignore[arg-type]
+        return True
+
+    def _in_use(self) -> set[str | None]:
+        return {t.key for t in self._active.values()} | {t.key for t, _ in self._canary.values()}
 
     async def _ensure_loaded(self, record: VersionRecord) -> ServingTarget:
         key = record.label
@@ -165,7 +203,7 @@ class AdapterManager:
         """Evict the least recently used adapter that no alias points at and no request holds."""
         if len(self._resident) < self.engine.max_loaded_adapters:
             return
-        in_use = {t.key for t in self._active.values()}
+        in_use = self._in_use()
         for key in list(self._resident):
             if key not in in_use and self._leases[key] == 0:
                 await self._unload(key)
@@ -180,6 +218,5 @@ class AdapterManager:
         async with self._released:
             await self._released.wait_for(lambda: self._leases[key] == 0)
         async with self._load_lock:
-            still_active = any(t.key == key for t in self._active.values())
-            if not still_active and self._leases[key] == 0 and key in self._resident:
+            if key not in self._in_use() and self._leases[key] == 0 and key in self._resident:
                 await self._unload(key)

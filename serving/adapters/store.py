@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from serving import failpoints
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Pickle-based formats can run code on load: never read them, whatever their name.
 REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -85,12 +87,34 @@ def write_version(store: Path, alias: str, version: int, source: Path) -> Stored
             _fsync_path(staging / name)
         _fsync_path(staging)
         sha256 = content_sha256(staging)
+        failpoints.hit("adapter-written")
         os.rename(staging, final)  # atomic on one filesystem; fails if `final` appeared meanwhile
         _fsync_path(parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return StoredVersion(relative_path=f"{alias}/v{version}", sha256=sha256)
+
+
+def sweep(store: Path, alias: str, registered: set[str]) -> list[str]:
+    """Move aside what crashed rounds left: staging dirs, and version dirs the registry never recorded.
+
+    Called under the round lock, so no other writer is mid-write. Nothing is deleted: leftovers are
+    renamed to hidden `.orphan-*` names, out of every reader's way.
+    """
+    parent = store / alias
+    moved: list[str] = []
+    if not parent.is_dir():
+        return moved
+    for entry in sorted(parent.iterdir()):
+        relative = f"{alias}/{entry.name}"
+        is_staging = entry.name.startswith(".v")
+        is_unregistered = entry.name.startswith("v") and relative not in registered
+        if entry.is_dir() and (is_staging or is_unregistered):
+            target = parent / f".orphan-{entry.name.lstrip('.')}-{os.getpid()}"
+            os.rename(entry, target)
+            moved.append(relative)
+    return moved
 
 
 def _validate_config(config: dict[str, Any], *, max_rank: int, allowed_modules: frozenset[str]) -> None:

@@ -6,19 +6,21 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from litestar import Controller, get, post
+from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
 from litestar.params import Parameter
 from litestar.response import Stream
-from msgspec import Struct
+from msgspec import Meta, Struct
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from feedback import adapter_registry, stats, training_data, tuning_runs
 from feedback.adapter_registry import RegistryError
-from feedback.models import AdapterVersion, TuningRun
+from feedback.models import AdapterVersion, RegistryEvent, TuningRun
 from serving.adapters.manager import AdapterManager
 from serving.api.auth import admin_guard
 from serving.api.errors import APIError
@@ -51,6 +53,8 @@ class AliasView(Struct):
     active: str | None
     canary: str | None
     canary_share: float
+    canary_started_at: datetime | None
+    pinned: bool
     serving: str | None  # what this server process answers with right now
     base: VersionView | None
     versions: list[VersionView]
@@ -77,6 +81,29 @@ class RunView(Struct):
 
 class PromoteRequest(Struct, forbid_unknown_fields=True):
     version: int
+
+
+class CanaryRequest(Struct, forbid_unknown_fields=True):
+    version: int
+    share: Annotated[float, Meta(gt=0.0, le=1.0)]
+
+
+class PinRequest(Struct, forbid_unknown_fields=True):
+    pinned: bool
+
+
+class TriggerRequest(Struct, forbid_unknown_fields=True):
+    alias: str = "default"
+
+
+class EventView(Struct):
+    id: int
+    version: str | None
+    action: str
+    actor: str
+    reason: str
+    evidence: dict[str, Any]
+    created_at: datetime
 
 
 class SeriesPointView(Struct):
@@ -147,6 +174,8 @@ def _aliases(session: Session, base_label: str, serving: dict[str, str]) -> list
                 active=labels.get(alias.active_version_id) if alias.active_version_id else None,
                 canary=labels.get(alias.canary_version_id) if alias.canary_version_id else None,
                 canary_share=alias.canary_share,
+                canary_started_at=alias.canary_started_at,
+                pinned=alias.pinned,
                 serving=serving.get(alias.name),
                 base=VersionView(
                     0,
@@ -197,23 +226,82 @@ class AdminController(Controller):
                 raise NotFoundException(f"{name}@{data.version} does not exist")
             return adapter_registry.promote(session, record.id, reason="promoted by an admin").label
 
-        try:
-            async with db_session.begin():
-                label = await db_session.run_sync(work)
-        except RegistryError as exc:
-            raise APIError(409, str(exc), code="conflict", param="version") from exc
-        return {"alias": name, "active": label}
+        return {"alias": name, "active": await self._registry_change(db_session, work)}
 
     @post("/adapters/{name:str}/rollback", summary="Return the alias to what it served before", status_code=200)
     async def rollback(self, name: str, db_session: AsyncSession) -> dict[str, str | None]:
+        previous = await self._registry_change(
+            db_session, lambda s: adapter_registry.rollback(s, name, reason="rolled back by an admin")
+        )
+        return {"alias": name, "active": previous.label if previous else None}
+
+    async def _registry_change(self, db_session: AsyncSession, work: Any) -> Any:
         try:
             async with db_session.begin():
-                previous = await db_session.run_sync(
-                    lambda s: adapter_registry.rollback(s, name, reason="rolled back by an admin")
-                )
+                return await db_session.run_sync(work)
         except RegistryError as exc:
             raise APIError(409, str(exc), code="conflict") from exc
-        return {"alias": name, "active": previous.label if previous else None}
+
+    @post("/adapters/{name:str}/canary", summary="Serve a version to a share of the alias's traffic", status_code=200)
+    async def start_canary(self, name: str, data: CanaryRequest, db_session: AsyncSession) -> dict[str, Any]:
+        def work(session: Session) -> str:
+            record = adapter_registry.find_version(session, name, data.version)
+            if record is None:
+                raise NotFoundException(f"{name}@{data.version} does not exist")
+            return adapter_registry.start_canary(session, record.id, data.share, actor="admin").label
+
+        return {"alias": name, "canary": await self._registry_change(db_session, work), "share": data.share}
+
+    @post(
+        "/adapters/{name:str}/canary/stop", summary="Take the canary out of traffic (it is rejected)", status_code=200
+    )
+    async def stop_canary(self, name: str, db_session: AsyncSession) -> dict[str, Any]:
+        await self._registry_change(
+            db_session,
+            lambda s: adapter_registry.end_canary(
+                s, name, promote_it=False, actor="admin", reason="stopped by an admin"
+            ),
+        )
+        return {"alias": name, "canary": None}
+
+    @post("/adapters/{name:str}/pin", summary="Pin (or unpin) an alias to its current version", status_code=200)
+    async def pin(self, name: str, data: PinRequest, db_session: AsyncSession) -> dict[str, Any]:
+        await self._registry_change(db_session, lambda s: adapter_registry.set_pinned(s, name, data.pinned))
+        return {"alias": name, "pinned": data.pinned}
+
+    @get("/adapters/{name:str}/events", summary="Every registry decision for an alias, with its evidence")
+    async def events(
+        self, name: str, db_session: AsyncSession, limit: int = Parameter(default=100, ge=1, le=1000)
+    ) -> list[EventView]:
+        def work(session: Session) -> list[EventView]:
+            rows = session.scalars(
+                select(RegistryEvent)
+                .where(RegistryEvent.adapter_name == name)
+                .order_by(RegistryEvent.id.desc())
+                .limit(limit)
+            ).all()
+            labels = {v.id: v.label for v in adapter_registry.list_versions(session, name)}
+            return [
+                EventView(
+                    e.id,
+                    labels.get(e.version_id) if e.version_id else None,
+                    e.action,
+                    e.actor,
+                    e.reason,
+                    dict(e.evidence or {}),
+                    e.created_at,
+                )
+                for e in rows
+            ]
+
+        return await db_session.run_sync(work)
+
+    @post(
+        "/runs", summary="Start a tuning round now (a separate process; the round lock still applies)", status_code=202
+    )
+    async def trigger(self, data: TriggerRequest, state: State) -> dict[str, Any]:
+        started = await state.scheduler.start_round(data.alias)
+        return {"alias": data.alias, "started": started}
 
     @get("/runs", summary="Tuning runs, newest first")
     async def runs(

@@ -31,6 +31,8 @@ from serving.completions import ChatService
 from serving.engine.simple import SimpleEngine
 from serving.metrics import Metrics, version_labels
 from serving.settings import DEFAULT_ALIAS, Settings
+from tuning.schedule import Scheduler
+from tuning.settings import TuningSettings
 
 log = structlog.get_logger(__name__)
 
@@ -72,7 +74,8 @@ def prepare_database(settings: Settings) -> None:
         raise DatabaseNotMigrated("the database schema is not at the newest revision: run `loraloop db upgrade` first")
 
 
-def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
+def create_app(settings: Settings, runtime: Runtime | None = None, tuning: TuningSettings | None = None) -> Litestar:
+    tuning = tuning if tuning is not None else TuningSettings()
     db_config = SQLAlchemyAsyncConfig(
         engine_instance=make_async_engine(settings.database_url),
         session_dependency_key="db_session",
@@ -124,12 +127,17 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
             max_context_tokens=settings.max_context_tokens,
             metrics=metrics,
         )
+        scheduler = Scheduler(settings, tuning, sessions, rt.base_model_id)  # type: ignore[arg-type]
+        app.state.scheduler = scheduler
+        if tuning.schedule_enabled:
+            scheduler.start()
         app.state.ready = True
         log.info("ready", model=rt.base_model_id, aliases=sorted(manager.aliases))
         try:
             yield
         finally:
             app.state.ready = False
+            await scheduler.stop()
             await watcher.stop()
             await rt.engine.stop()
 

@@ -142,7 +142,13 @@ class Answer {
     this.panel = this.buildPanel();
     this.node = el(
       "article",
-      { class: "answer", "aria-label": label ? `Answer ${label}` : "Answer", dataset: { state: "streaming" } },
+      // aria-busy while streaming: screen readers read the finished answer once, not every token as it lands.
+      {
+        class: "answer",
+        "aria-label": label ? `Answer ${label}` : "Answer",
+        "aria-busy": "true",
+        dataset: { state: "streaming" },
+      },
       el("header", { class: "answer-head" }, this.labelNode, el("span", { class: "answered-by" }, "answered by ", this.version)),
       this.text,
       el("div", { class: "answer-actions" }, this.up, this.down, this.regenerate, this.note),
@@ -240,6 +246,7 @@ class Answer {
 
   finish(state) {
     this.node.dataset.state = state;
+    this.node.removeAttribute("aria-busy");
     if (!this.content && state === "done") this.text.append(el("em", { class: "muted" }, "(an empty answer)"));
     if (this.id) {
       this.node.dataset.completionId = this.id;

@@ -108,14 +108,15 @@ def test_chat_rate_tune_and_hot_swap(server: tuple[str, dict[str, str]], tmp_pat
 
     tune = subprocess.run(
         [str(LORALOOP), "tune"],
-        env=env | {"LORALOOP_TUNING_MAX_STEPS": "3", "LORALOOP_TUNING_BATCH_SIZE": "4"},
+        env=env
+        | {"LORALOOP_TUNING_MAX_STEPS": "3", "LORALOOP_TUNING_BATCH_SIZE": "4", "LORALOOP_TUNING_CANARY_SHARE": "0"},
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert tune.returncode == 0, tune.stderr[-3000:]
     summary = json.loads(tune.stdout.strip().splitlines()[-1])
-    assert summary["status"] == "succeeded" and summary["version"] == "default@1"
+    assert summary["status"] == "promoted" and summary["version"] == "default@1"
 
     models = [m.id for m in client.models.list().data]
     assert "default@1" in models

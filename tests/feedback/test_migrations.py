@@ -18,6 +18,8 @@ TABLES = {
     "tuning_runs",
     "feedback_uses",
     "comparison_uses",
+    "registry_events",
+    "locks",
 }
 
 

@@ -17,7 +17,9 @@ from tuning import trainer
 from tuning.round import run_round
 from tuning.settings import TuningSettings
 
-FAST = TuningSettings(max_steps=2, batch_size=4, learning_rate=1e-3, precision="fp32", max_length=128)
+FAST = TuningSettings(
+    max_steps=2, batch_size=4, learning_rate=1e-3, precision="fp32", max_length=128, canary_share=0, gate_probe_tokens=8
+)
 
 
 def _rate_answers(settings: Settings, n: int, *, alias: str = "default", offset: int = 0) -> None:
@@ -55,7 +57,7 @@ def _rate_answers(settings: Settings, n: int, *, alias: str = "default", offset:
 def test_round_trains_registers_and_promotes_a_new_version(settings: Settings) -> None:
     _rate_answers(settings, 8)
     outcome = run_round(settings, FAST, alias="default", trigger="manual")
-    assert outcome.status == "succeeded", outcome.reason
+    assert outcome.status == "promoted", outcome.reason
     assert outcome.version == "default@1"
     assert outcome.counts["ratings"] == 8 and outcome.counts["desirable"] == 4
 
@@ -78,7 +80,7 @@ def test_round_trains_registers_and_promotes_a_new_version(settings: Settings) -
 
     _rate_answers(settings, 6, offset=100)
     child = run_round(settings, FAST, alias="default", trigger="manual")
-    assert child.status == "succeeded" and child.version == "default@2"
+    assert child.status == "promoted" and child.version == "default@2"
     with session_scope(engine) as session:
         versions = {v.version: v for v in session.scalars(select(AdapterVersion))}
         assert versions[2].parent_id == versions[1].id

@@ -1,0 +1,129 @@
+"""What the gate measures with a model: answer log-probabilities, greedy answers, and next-token KL.
+
+Prompts are rendered with the serving chat template (`serving.prompt.render_prompt`), so the
+numbers describe exactly what users are served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from serving.prompt import render_prompt
+
+Messages = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class AnswerScore:
+    logprob: float  # sum over the answer's tokens
+    tokens: int
+
+
+def _answer_ids(tokenizer: PreTrainedTokenizerBase, prompt: Messages, answer: str) -> tuple[list[int], list[int]]:
+    prompt_ids = render_prompt(tokenizer, prompt)
+    full = tokenizer.apply_chat_template(
+        [*prompt, {"role": "assistant", "content": answer}], tokenize=True, return_dict=True
+    )["input_ids"]
+    # The answer starts where prompt and full conversation stop agreeing (as TRL does).
+    common = 0
+    for a, b in zip(prompt_ids, full, strict=False):
+        if a != b:
+            break
+        common += 1
+    return list(full[:common]), list(full[common:])
+
+
+def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.inference_mode()
+def answer_logprobs(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[tuple[Messages, str]], *, batch_size: int = 8
+) -> list[AnswerScore]:
+    """log p(answer | prompt) under `model`, summed over the answer tokens, for each row."""
+    device = next(model.parameters()).device
+    encoded = [_answer_ids(tokenizer, prompt, answer) for prompt, answer in rows]
+    scores: list[AnswerScore] = []
+    for batch in _batches(encoded, batch_size):
+        length = max(len(p) + len(a) for p, a in batch)
+        ids = torch.full((len(batch), length), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for i, (p, a) in enumerate(batch):
+            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+            mask[i, : len(p) + len(a)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [B, T, V]
+        logp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        for i, (p, a) in enumerate(batch):
+            answer_positions = slice(len(p) - 1, len(p) + len(a) - 1)  # logits at t predict token t+1
+            scores.append(AnswerScore(float(logp[i, answer_positions].sum()), len(a)))
+    return scores
+
+
+@torch.inference_mode()
+def greedy_answers(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Messages],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """Greedy answer token ids (EOS excluded) for each prompt, batched with left padding."""
+    device = next(model.parameters()).device
+    answers: list[list[int]] = []
+    eos = tokenizer.eos_token_id
+    for batch in _batches([render_prompt(tokenizer, p) for p in prompts], batch_size):
+        length = max(len(p) for p in batch)
+        ids = torch.full((len(batch), length), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for i, p in enumerate(batch):
+            ids[i, length - len(p) :] = torch.tensor(p)
+            mask[i, length - len(p) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for row in out[:, length:].tolist():
+            answers.append(row[: row.index(eos)] if eos in row else row)
+    return answers
+
+
+@torch.inference_mode()
+def mean_kl(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Messages],
+    answers: list[list[int]],
+    as_reference: Callable[[], AbstractContextManager[Any]],
+    as_candidate: Callable[[], AbstractContextManager[Any]],
+) -> float:
+    """Mean per-token KL(reference ‖ candidate) along the reference's own answers (teacher-forced).
+
+    One model plays both parts: `as_reference()` / `as_candidate()` switch its adapter.
+    """
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for prompt, answer in zip(prompts, answers, strict=True):
+        if not answer:
+            continue
+        ids = torch.tensor([render_prompt(tokenizer, prompt) + answer], device=device)
+        start = ids.shape[1] - len(answer) - 1
+        with as_reference():
+            ref = F.log_softmax(model(input_ids=ids).logits[0, start:-1].float(), dim=-1)
+        with as_candidate():
+            cand = F.log_softmax(model(input_ids=ids).logits[0, start:-1].float(), dim=-1)
+        total += float((ref.exp() * (ref - cand)).sum())
+        count += len(answer)
+    return total / count if count else 0.0
