@@ -42,6 +42,6 @@ def get_completion_for(session: Session, completion_id: str, caller: Caller, *, 
     completion = session.get(Completion, completion_id)
     if completion is None:
         raise CompletionNotFound(f"no completion with id {completion_id!r}", param=param)
-    if not caller.is_admin and completion.caller != caller.id:
+    if not caller.may_rate(completion.caller, completion.tenant):
         raise NotYourCompletion(f"completion {completion_id!r} was not answered to you", param=param)
     return completion

@@ -276,6 +276,21 @@ class RegistryEvent(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
+class ApiKey(Base):
+    """An API key: only the sha256 of its token is kept, so a database leak does not leak working keys."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint("role IN ('admin', 'user')", name="role_values"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # public: shown in lists, recorded as caller
+    token_sha256: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    tenant: Mapped[str | None] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
 class Lock(Base):
     """A named lease in the database: one holder at a time across processes and machines.
 

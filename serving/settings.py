@@ -76,6 +76,14 @@ class Settings(BaseSettings):
         ge=0,
         description="Deterministic answers (temperature 0 or a fixed seed) remembered per adapter version; 0 = off.",
     )
+    auth: Literal["local", "keys"] = Field(
+        "local",
+        description="keys: every API call needs an API key (`loraloop keys create`); local: no keys, every caller "
+        "is the admin, allowed only on a loopback host (the laptop default).",
+    )
+    key_cache_seconds: float = Field(
+        2.0, ge=0, le=300, description="How long a server trusts a checked API key; a revoked key stops within this."
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="json for machines, console for people; auto picks console on a terminal."
     )
@@ -110,6 +118,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"database_url must be a sqlite:/// or postgresql:// URL, not {self.database_url!r} "
                 "(set LORALOOP_DATABASE_URL)"
+            )
+        if self.auth == "local" and not self.is_loopback:
+            # Keyless mode makes every caller the admin: fine on one's own machine, never on a network.
+            raise ValueError(
+                f"auth is 'local' (no API keys, every caller is admin), which only binds to a loopback address, "
+                f"not {self.host!r}: set LORALOOP_AUTH=keys and create a key with "
+                "`loraloop keys create --role admin`, or bind LORALOOP_HOST=127.0.0.1"
             )
         if self.base_model != BUNDLED_MODEL and not (Path(self.base_model) / "config.json").is_file():
             raise ValueError(

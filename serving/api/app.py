@@ -12,18 +12,20 @@ from advanced_alchemy.extensions.litestar import AsyncSessionConfig, SQLAlchemyA
 from litestar import Litestar
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from feedback import adapter_registry, migrate
+from feedback import adapter_registry, api_keys, migrate
 from feedback.api import FeedbackController
 from feedback.db import is_sqlite, make_async_engine
 from serving import base_model
 from serving.adapters.hot_swap import RegistryAccess, RegistryWatcher
 from serving.adapters.manager import AdapterManager
 from serving.api.admin import AdminController
+from serving.api.auth import BEARER_SCHEME, PUBLIC_PATHS, KeyVerifier, admin_paths_guard, authentication_middleware
 from serving.api.chat import ChatController
 from serving.api.dependencies import DEPENDENCIES
-from serving.api.errors import EXCEPTION_HANDLERS
+from serving.api.errors import EXCEPTION_HANDLERS, document_errors
 from serving.api.health import HealthController
 from serving.api.models import ModelsController
 from serving.api.web import WebController, static_router
@@ -96,6 +98,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None, tuning: Tunin
         await anyio.to_thread.run_sync(prepare_database, settings)
         rt = runtime or await anyio.to_thread.run_sync(build_runtime, settings)
         sessions = db_config.create_session_maker()
+        app.state.keys = KeyVerifier(sessions, settings.key_cache_seconds)
+        async with sessions() as session:
+            has_keys = await session.run_sync(api_keys.has_active_key)
+        if settings.auth == "keys" and not has_keys:
+            log.warning("no API keys yet, so every API call is refused: run `loraloop keys create --role admin`")
         async with sessions() as session, session.begin():
             await session.run_sync(adapter_registry.ensure_alias, DEFAULT_ALIAS)
         access = RegistryAccess(sessions)  # type: ignore[arg-type]
@@ -141,7 +148,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None, tuning: Tunin
             await watcher.stop()
             await rt.engine.stop()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             ChatController,
             ModelsController,
@@ -153,10 +160,26 @@ def create_app(settings: Settings, runtime: Runtime | None = None, tuning: Tunin
         ],
         dependencies=DEPENDENCIES | {"on_rating": Provide(lambda: count_rating, sync_to_thread=False)},
         plugins=[SQLAlchemyPlugin(config=db_config)],
+        middleware=[authentication_middleware(settings)],
+        guards=[admin_paths_guard],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=MAX_BODY_BYTES,
-        openapi_config=OpenAPIConfig(title="loraloop", version="0.1.0", path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="loraloop",
+            version="0.1.0",
+            path="/schema",
+            security=[{BEARER_SCHEME: []}],
+            components=Components(
+                security_schemes={
+                    BEARER_SCHEME: SecurityScheme(
+                        type="http", scheme="bearer", description="An API key from `loraloop keys create`."
+                    )
+                }
+            ),
+        ),
         debug=False,
         logging_config=None,  # structlog, configured by the CLI (serving.logs)
     )
+    document_errors(app.openapi_schema, PUBLIC_PATHS)
+    return app

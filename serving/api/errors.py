@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.spec import Components, OpenAPI, OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Reference, Schema
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from feedback.errors import FeedbackError
@@ -33,6 +34,10 @@ _TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+
+# OpenAI's codes where it has one; otherwise the type doubles as the code.
+_CODES = {401: "invalid_api_key", 403: "permission_denied", 413: "request_too_large"}
 
 
 class APIError(Exception):
@@ -70,6 +75,8 @@ def _param_of_validation(exc: ValidationException) -> tuple[str, str | None]:
             parts = [p for p in (path, field.group(1) if field else "") if p]
             param = ".".join(parts) or None
             clean = message.split(" - at ")[0]
+            if field and message.startswith("Object contains unknown field"):
+                clean = f"unsupported parameter `{param}`: this server does not implement it"
             return (f"{param}: {clean}" if param and not field else clean), param
     return exc.detail or "invalid request", None
 
@@ -94,7 +101,12 @@ def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response
     if status >= 500:
         log.error("server error", status=status, detail=exc.detail)
         return _answer(request, status, "the server could not handle this request", code="server_error")
-    return _answer(request, status, exc.detail or "bad request", code=_TYPES.get(status, "invalid_request"))
+    response = _answer(
+        request, status, exc.detail or "bad request", code=_CODES.get(status) or _TYPES.get(status, "invalid_request")
+    )
+    if exc.headers:
+        response.headers.update(exc.headers)  # e.g. WWW-Authenticate on a 401
+    return response
 
 
 def handle_api_error(request: Request[Any, Any, Any], exc: APIError) -> Response[Any]:
@@ -134,3 +146,43 @@ EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
     EngineOverloaded: handle_overloaded,
     Exception: handle_unexpected,
 }
+
+
+def _error_schema() -> Schema:
+    nullable_string = Schema(one_of=[Schema(type=OpenAPIType.STRING), Schema(type=OpenAPIType.NULL)])
+    body = Schema(
+        type=OpenAPIType.OBJECT,
+        required=["message", "type", "param", "code"],
+        properties={
+            "message": Schema(type=OpenAPIType.STRING),
+            "type": Schema(type=OpenAPIType.STRING),
+            "param": nullable_string,
+            "code": nullable_string,
+        },
+    )
+    return Schema(type=OpenAPIType.OBJECT, required=["error"], properties={"error": body}, description="OpenAI error")
+
+
+def document_errors(openapi: OpenAPI, public_paths: list[str]) -> None:
+    """Write the one error shape into the OpenAPI document: every operation answers it for any non-2xx
+    status (`default`, replacing Litestar's own 400 shape, which this app never sends), and the
+    routes in `public_paths` (regexes) need no credentials."""
+    components = openapi.components if isinstance(openapi.components, Components) else Components()
+    openapi.components = components
+    components.schemas = {**(components.schemas or {}), "Error": _error_schema()}
+    error = OpenAPIResponse(
+        description="OpenAI-shaped error: 4xx for the client's input (`param` names it), 5xx for the server's",
+        content={MediaType.JSON: OpenAPIMediaType(schema=Reference(ref="#/components/schemas/Error"))},
+    )
+    for path, item in (openapi.paths or {}).items():
+        public = any(re.search(pattern, path) for pattern in public_paths)
+        for method in ("get", "put", "post", "delete", "patch"):
+            operation = getattr(item, method, None)
+            if operation is None:
+                continue
+            responses = operation.responses or {}
+            responses.pop("400", None)
+            responses["default"] = error
+            operation.responses = responses
+            if public:
+                operation.security = []

@@ -20,6 +20,7 @@ TABLES = {
     "comparison_uses",
     "registry_events",
     "locks",
+    "api_keys",
 }
 
 
