@@ -1,0 +1,377 @@
+"""Does the loop learn what its users like without breaking the assistant? One command, a fresh server.
+
+    .venv/bin/python bench/adaptation.py [--rule bench.rules:short_answers] [--rounds 3] [--ratings 240]
+
+Starts `loraloop serve` on a fresh data dir with its own scheduler on, then plays simulated users over
+HTTP: each asks an everyday prompt from the shipped train split (`bench/prompts/everyday.jsonl`),
+reads the answer and sends a thumb from the preference rule, flipped with `--noise` probability.
+The server decides by itself when a round is due (`schedule_min_feedback` = `--ratings`); while a
+candidate is on canary the users keep chatting and rating, so the canary is judged on live thumbs.
+
+After the base model and after every round it measures, on the held-out prompts (greedy, never
+trained on), the share of answers the rule likes, and the factual probes (`tuning/probes/factual.jsonl`).
+A last round feeds random labels (`--poison`): the gate or the canary must keep it out.
+
+Prints a table per round and writes `adaptation.json` and `adaptation.png` to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tuning.probes import factual_probes
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # so that --rule bench.rules:… imports from a checkout
+
+Rule = Callable[[str, str], bool]
+PROMPTS = ROOT / "bench" / "prompts" / "everyday.jsonl"
+ALIAS = "default"
+
+
+@dataclass
+class RoundRow:
+    name: str
+    ratings_used: int = 0
+    desirable: int = 0
+    undesirable: int = 0
+    outcome: str = ""
+    version: str = ""
+    active_after: str = ""
+    heldout_uprate: float = 0.0
+    factual: float = 0.0
+    gate: dict[str, Any] = field(default_factory=dict)
+    canary: dict[str, Any] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+
+def load_rule(spec: str) -> Rule:
+    module, _, name = spec.partition(":")
+    if not name:
+        raise SystemExit(f"--rule must be package.module:function, got {spec!r}")
+    rule = getattr(importlib.import_module(module), name)
+    if not callable(rule):
+        raise SystemExit(f"{spec} is not callable")
+    return rule
+
+
+def load_prompts() -> tuple[list[str], list[str]]:
+    rows = [json.loads(line) for line in PROMPTS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["prompt"] for r in rows if r["split"] == "train"], [r["prompt"] for r in rows if r["split"] == "heldout"]
+
+
+class Server:
+    """`loraloop serve` as a child process on a fresh data dir, with the scheduler tuned for a benchmark."""
+
+    def __init__(self, data_dir: Path, port: int, ratings: int, extra_env: dict[str, str]) -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self.env = {
+            **os.environ,
+            "LORALOOP_DATA_DIR": str(data_dir),
+            "LORALOOP_PORT": str(port),
+            "LORALOOP_LOG_FORMAT": "json",
+            "LORALOOP_TUNING_SCHEDULE_ENABLED": "true",
+            "LORALOOP_TUNING_SCHEDULE_CHECK_SECONDS": "2",
+            "LORALOOP_TUNING_SCHEDULE_INTERVAL_SECONDS": "0",
+            "LORALOOP_TUNING_SCHEDULE_MIN_FEEDBACK": str(ratings),
+            **extra_env,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = Path(sys.executable).parent / "loraloop"
+        subprocess.run([str(binary), "db", "upgrade"], env=self.env, check=True, stdout=subprocess.DEVNULL)
+        self.log = (self.data_dir / "server.log").open("wb")
+        self.process = subprocess.Popen([str(binary), "serve"], env=self.env, stdout=self.log, stderr=self.log)
+
+    async def wait_ready(self, client: httpx.AsyncClient, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise SystemExit(f"the server exited; see {self.data_dir / 'server.log'}")
+            try:
+                if (await client.get("/ready")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.5)
+        raise SystemExit("the server did not get ready")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+class Users:
+    """Simulated users: ask, read, thumb. Each has a stable id, so canary routing keeps them on one arm."""
+
+    def __init__(
+        self, client: httpx.AsyncClient, rule: Rule, noise: float, max_tokens: int, temperature: float, seed: int
+    ) -> None:
+        self.client = client
+        self.rule = rule
+        self.noise = noise
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.rng = random.Random(seed)
+        self.sent = 0
+
+    async def ask(self, prompt: str, user: str, *, temperature: float, seed: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": ALIAS,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": self.max_tokens,
+            "temperature": temperature,
+            "user": user,
+        }
+        if seed is not None:
+            body["seed"] = seed
+        response = await self.client.post("/v1/chat/completions", json=body)
+        response.raise_for_status()
+        return response.json()
+
+    async def chat_and_rate(self, prompts: list[str], *, poison: bool = False, concurrency: int = 16) -> int:
+        """Each prompt: one answer, one thumb (the rule's verdict, flipped with the noise; random when poisoned)."""
+        jobs = [
+            (p, f"user-{self.rng.randrange(200)}", self.rng.random(), self.rng.random(), self.rng.randrange(2**31))
+            for p in prompts
+        ]
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(prompt: str, user: str, flip: float, coin: float, seed: int) -> None:
+            async with gate:
+                reply = await self.ask(prompt, user, temperature=self.temperature, seed=seed)
+                answer = reply["choices"][0]["message"]["content"]
+                liked = coin < 0.5 if poison else self.rule(answer, prompt) != (flip < self.noise)
+                sent = await self.client.post(
+                    "/v1/feedback", json={"completion_id": reply["id"], "rating": 1 if liked else -1, "user": user}
+                )
+                sent.raise_for_status()
+                self.sent += 1
+
+        await asyncio.gather(*(one(*job) for job in jobs))
+        return len(jobs)
+
+
+async def measure(users: Users, heldout: list[str]) -> tuple[float, float, str]:
+    """Held-out up-rate by the rule (greedy, no noise) and factual probe accuracy, through the API."""
+    gate = asyncio.Semaphore(16)
+    probes = factual_probes()
+
+    async def answer(prompt: str, max_tokens: int | None = None) -> tuple[str, str]:
+        async with gate:
+            body = {
+                "model": ALIAS,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens or users.max_tokens,
+                "temperature": 0,
+                "user": "bench-measure",
+            }
+            reply = (await users.client.post("/v1/chat/completions", json=body)).json()
+            return reply["choices"][0]["message"]["content"], reply["system_fingerprint"]
+
+    held = await asyncio.gather(*(answer(p) for p in heldout))
+    facts = await asyncio.gather(*(answer(p.question, 32) for p in probes))
+    uprate = sum(users.rule(text, prompt) for (text, _), prompt in zip(held, heldout, strict=True)) / len(heldout)
+    factual = sum(p.is_answered_by(text) for (text, _), p in zip(facts, probes, strict=True)) / len(probes)
+    return uprate, factual, held[0][1]
+
+
+async def admin(client: httpx.AsyncClient, path: str) -> Any:
+    response = await client.get(f"/v1/admin{path}")
+    response.raise_for_status()
+    return response.json()
+
+
+async def latest_run_id(client: httpx.AsyncClient) -> int:
+    runs = await admin(client, f"/runs?alias={ALIAS}&limit=1")
+    return runs[0]["id"] if runs else 0
+
+
+async def play_round(
+    users: Users, train: list[str], heldout: list[str], name: str, ratings: int, *, poison: bool
+) -> RoundRow:
+    """Users chat and rate until the server starts a round; wait for it; keep rating through its canary."""
+    client = users.client
+    row = RoundRow(name)
+    started = time.monotonic()
+    before = await latest_run_id(client)
+    pool = train[:]
+    users.rng.shuffle(pool)
+    # Traffic in waves until the scheduler notices enough new feedback and starts a round.
+    wave = 0
+    while (await latest_run_id(client)) == before:
+        take = ratings if wave == 0 else 16
+        await users.chat_and_rate([pool[(wave * 16 + i) % len(pool)] for i in range(take)], poison=poison)
+        wave += 1
+        if wave > 1:
+            await asyncio.sleep(2)
+    run_id = await latest_run_id(client)
+    while (run := await admin(client, f"/runs/{run_id}"))["status"] == "running":
+        await asyncio.sleep(3)
+    counts, metrics = run["data_counts"], run["metrics"]
+    row.ratings_used = counts.get("ratings", 0)
+    row.desirable, row.undesirable = counts.get("desirable", 0), counts.get("undesirable", 0)
+    row.gate = metrics.get("gate", {})
+    row.train_seconds = round(sum(m.get("seconds", 0) for k, m in metrics.items() if k in ("kto", "dpo")), 1)
+    row.outcome = run["status"]
+    produced = run.get("produced_version_id")
+    # A candidate on canary: real users keep chatting (with their real preference) until the scheduler decides.
+    while True:
+        aliases = {a["name"]: a for a in await admin(client, "/adapters")}
+        if aliases[ALIAS]["canary"] is None:
+            break
+        await users.chat_and_rate([users.rng.choice(train) for _ in range(16)])
+    events = await admin(client, f"/adapters/{ALIAS}/events?limit=5")
+    decided = next((e for e in events if e["actor"] == "canary"), None)
+    if decided is not None and produced is not None and run["status"] == "succeeded":
+        row.outcome = f"canary → {decided['action']}"
+        row.canary = decided["evidence"]
+    versions = [v for v in aliases[ALIAS]["versions"] if v["id"] == produced]
+    row.version = versions[0]["label"] if versions else ""
+    row.heldout_uprate, row.factual, row.active_after = await measure(users, heldout)
+    row.wall_seconds = round(time.monotonic() - started, 1)
+    return row
+
+
+def print_table(rows: list[RoundRow]) -> None:
+    head = f"{'round':<10}{'ratings':>8}{'+/-':>9} {'outcome':<22}{'active':<12}{'held-out up':>12}{'factual':>9}"
+    head += f"{'AUC':>7}{'z':>7}{'AUC/tok':>9}{'KL':>7}{'train s':>9}{'wall s':>8}"
+    print(head)
+    for r in rows:
+        g = r.gate
+        print(
+            f"{r.name:<10}{r.ratings_used:>8}{f'{r.desirable}/{r.undesirable}':>9} {r.outcome:<22}{r.active_after:<12}"
+            f"{r.heldout_uprate:>12.0%}{r.factual:>9.0%}{g.get('heldout_auc', float('nan')):>7.2f}"
+            f"{g.get('heldout_auc_z', float('nan')):>7.2f}{g.get('heldout_auc_per_token', float('nan')):>9.2f}"
+            f"{g.get('probe_kl', float('nan')):>7.3f}{r.train_seconds:>9.0f}{r.wall_seconds:>8.0f}"
+        )
+
+
+def draw_chart(rows: list[RoundRow], rule: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [r.name for r in rows]
+    ax.plot(names, [100 * r.heldout_uprate for r in rows], marker="o", label="held-out up-rate (rule)")
+    ax.plot(names, [100 * r.factual for r in rows], marker="s", linestyle="--", label="factual probes correct")
+    for i, r in enumerate(rows[1:], start=1):
+        ax.annotate(r.outcome, (i, 100 * r.heldout_uprate), textcoords="offset points", xytext=(0, 8), fontsize=7)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("%")
+    ax.set_title(f"loraloop adaptation: {rule}")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+async def run(args: argparse.Namespace) -> list[RoundRow]:
+    rule = load_rule(args.rule)
+    train, heldout = load_prompts()
+    data_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="loraloop-adaptation-"))
+    if data_dir.exists() and any(data_dir.iterdir()):
+        raise SystemExit(f"{data_dir} is not empty: the benchmark needs a fresh data dir")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    extra = dict(kv.split("=", 1) for kv in args.env)
+    server = Server(data_dir, args.port, args.ratings, extra)
+    rows: list[RoundRow] = []
+    started = time.monotonic()
+    server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{args.port}", timeout=600) as client:
+            await server.wait_ready(client)
+            users = Users(client, rule, args.noise, args.max_tokens, args.temperature, args.seed)
+            base = RoundRow("base")
+            base.heldout_uprate, base.factual, base.active_after = await measure(users, heldout)
+            base.wall_seconds = round(time.monotonic() - started, 1)
+            rows.append(base)
+            print_table(rows)
+            names = [f"round {i}" for i in range(1, args.rounds + 1)] + (["poisoned"] if args.poison else [])
+            for name in names:
+                row = await play_round(users, train, heldout, name, args.ratings, poison=name == "poisoned")
+                rows.append(row)
+                print(f"--- {name} ({time.monotonic() - started:.0f} s so far)", flush=True)
+                print_table(rows)
+    finally:
+        server.stop()
+    total = time.monotonic() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    learned = [r for r in rows if r.name.startswith("round")]
+    best_gain = max((r.heldout_uprate for r in learned), default=rows[0].heldout_uprate) - rows[0].heldout_uprate
+    summary = {
+        "rule": args.rule,
+        "noise": args.noise,
+        "ratings_per_round": args.ratings,
+        "total_seconds": round(total, 1),
+        "uprate_gain_points": round(100 * best_gain, 1),
+        "min_factual_after_promotion": min((r.factual for r in rows if "promote" in r.outcome), default=None),
+        "poison_kept_out": (rows[-1].active_after == rows[-2].active_after) if args.poison else None,
+        "rounds": [asdict(r) for r in rows],
+        "data_dir": str(data_dir),
+    }
+    (out / "adaptation.json").write_text(json.dumps(summary, indent=2))
+    draw_chart(rows, args.rule, out / "adaptation.png")
+    print(
+        f"\nheld-out up-rate {rows[0].heldout_uprate:.0%} → best {rows[0].heldout_uprate + best_gain:.0%} "
+        f"(+{100 * best_gain:.0f} points); total {total / 60:.1f} min; "
+        f"results in {out / 'adaptation.json'} and {out / 'adaptation.png'}"
+    )
+    if not args.keep_data:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rule", default="bench.rules:short_answers", help="package.module:function(answer, prompt)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ratings", type=int, default=240, help="new ratings that make a round due")
+    parser.add_argument("--noise", type=float, default=0.1, help="share of thumbs flipped")
+    parser.add_argument(
+        "--poison", action=argparse.BooleanOptionalAction, default=True, help="end with a random-label round"
+    )
+    # Past ~80 tokens an answer is over 40 words anyway: the cap changes no label of the default rule and
+    # keeps each round's traffic to a couple of minutes on two cores.
+    parser.add_argument("--max-tokens", type=int, default=80)
+    parser.add_argument("--temperature", type=float, default=0.8, help="the users' sampling temperature")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--data-dir", help="fresh data dir (default: a new temp dir)")
+    parser.add_argument("--keep-data", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument(
+        "--env", action="append", default=[], help="extra server setting, e.g. LORALOOP_TUNING_EPOCHS=2"
+    )
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
