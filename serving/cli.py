@@ -1,4 +1,4 @@
-"""The `loraloop` command: serve, prepare the model, migrate the database, tune, steer adapters.
+"""The `loraloop` command: serve, prepare the model, migrate the database, tune, steer adapters, manage keys.
 
 Every setting is an option (`--database-url`) and an environment variable (`LORALOOP_DATABASE_URL`);
 options win. Bad values stop the command with a sentence that says what to set.
@@ -143,6 +143,34 @@ def cmd_runs(settings: Settings, args: argparse.Namespace) -> None:
     engine.dispose()
 
 
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
+    from feedback import api_keys
+    from feedback.db import make_sync_engine, session_scope
+
+    engine = make_sync_engine(settings.database_url)
+    try:
+        with session_scope(engine) as session:
+            if args.action == "create":
+                row, token = api_keys.create_key(session, args.role, tenant=args.tenant, name=args.name)
+                tenant = f", tenant {row.tenant}" if row.tenant else ""
+                print(f"created {row.role} key {row.id}{tenant}; it is shown only now, so store it:", file=sys.stderr)
+                print(token)  # alone on stdout: `KEY=$(loraloop keys create ...)` works
+            elif args.action == "list":
+                for row in api_keys.list_keys(session):
+                    state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+                    print(
+                        f"{row.id}  {row.role:<5}  {row.tenant or '-':<16}  {state:<24}  "
+                        f"{row.created_at:%Y-%m-%d %H:%M}  {row.name}"
+                    )
+            else:
+                row = api_keys.revoke_key(session, args.id)
+                print(f"key {row.id} revoked (running servers stop accepting it within key_cache_seconds)")
+    except api_keys.ApiKeyError as error:
+        sys.exit(f"loraloop keys: {error}")
+    finally:
+        engine.dispose()
+
+
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], None]] = {
     "serve": cmd_serve,
     "prepare-model": cmd_prepare_model,
@@ -150,6 +178,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], None]] = {
     "tune": cmd_tune,
     "adapters": cmd_adapters,
     "runs": cmd_runs,
+    "keys": cmd_keys,
 }
 
 
@@ -176,6 +205,15 @@ def parser() -> argparse.ArgumentParser:
     adapters.add_argument("target", nargs="?", help="alias@N to promote, or the alias to roll back / pin / unpin")
     runs = sub.add_parser("runs", parents=[common], help="list tuning runs")
     runs.add_argument("--limit", type=int, default=20)
+    keys = sub.add_parser("keys", help="create, list or revoke API keys (for LORALOOP_AUTH=keys)")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    create = keys_sub.add_parser("create", parents=[common], help="a new key, printed once")
+    create.add_argument("--role", choices=["user", "admin"], required=True, help="admin may use the admin API")
+    create.add_argument("--tenant", help="user keys only: the key may rate any completion of its tenant")
+    create.add_argument("--name", default="", help="a note for `keys list` (who or what uses it)")
+    keys_sub.add_parser("list", parents=[common], help="every key: id, role, tenant, state (never the secret)")
+    revoke = keys_sub.add_parser("revoke", parents=[common], help="revoke a key by its id")
+    revoke.add_argument("id", help="the key id `keys list` shows")
     return root
 
 

@@ -98,7 +98,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None, tuning: Tunin
         await anyio.to_thread.run_sync(prepare_database, settings)
         rt = runtime or await anyio.to_thread.run_sync(build_runtime, settings)
         sessions = db_config.create_session_maker()
-        app.state.keys = KeyVerifier(sessions, settings.key_cache_seconds)
+        app.state.key_verifier = KeyVerifier(sessions, settings.key_cache_seconds)
         async with sessions() as session:
             has_keys = await session.run_sync(api_keys.has_active_key)
         if settings.auth == "keys" and not has_keys:

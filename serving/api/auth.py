@@ -79,7 +79,7 @@ class KeyAuthentication(AbstractAuthenticationMiddleware):
         token = bearer_token(connection.headers.get("authorization"))
         if token is None:
             raise NotAuthorizedException(KEY_REQUIRED, headers=CHALLENGE)
-        verifier: KeyVerifier = connection.app.state.keys
+        verifier: KeyVerifier = connection.app.state.key_verifier
         caller = await verifier.caller_for(token)
         if caller is None:
             raise NotAuthorizedException("the API key is invalid or revoked", headers=CHALLENGE)
