@@ -27,6 +27,7 @@ class ChatController(Controller):
     async def create(
         self, data: ChatCompletionRequest, chat: ChatService, caller: Caller
     ) -> Response[ChatCompletion] | ServerSentEvent:
+        data.check_limits()
         if data.stream:
             events, target = await chat.stream(data, caller)
             return ServerSentEvent(events, headers={VERSION_HEADER: target.label})

@@ -101,9 +101,11 @@ def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response
     if status >= 500:
         log.error("server error", status=status, detail=exc.detail)
         return _answer(request, status, "the server could not handle this request", code="server_error")
-    response = _answer(
-        request, status, exc.detail or "bad request", code=_CODES.get(status) or _TYPES.get(status, "invalid_request")
-    )
+    message = exc.detail or "bad request"
+    if status == 413:
+        limit = request.route_handler.resolve_request_max_body_size()
+        message = f"the request body is larger than this server's limit of {limit} bytes"
+    response = _answer(request, status, message, code=_CODES.get(status) or _TYPES.get(status, "invalid_request"))
     if exc.headers:
         response.headers.update(exc.headers)  # e.g. WWW-Authenticate on a 401
     return response

@@ -6,9 +6,19 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
+from serving.api.errors import APIError
+
 MAX_MESSAGES = 256
 MAX_MESSAGE_CHARS = 100_000
+# All messages together: far past any context this server runs, and a bound on the tokenizer's work per request.
+MAX_TOTAL_CHARS = 200_000
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256
+# The schema's ceiling; the real one is the context left after the prompt (a 400 naming the parameter).
+MAX_TOKENS_CEILING = 2**31 - 1
+
+StopSequence = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]
+MaxTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS_CEILING)]
 
 
 class TextPart(Struct, forbid_unknown_fields=True):
@@ -39,15 +49,11 @@ class ChatCompletionRequest(Struct, forbid_unknown_fields=True):
 
     messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=MAX_MESSAGES)]
     model: Annotated[str, Meta(min_length=1, max_length=160)]
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
-    stop: (
-        Annotated[str, Meta(max_length=256)]
-        | Annotated[list[Annotated[str, Meta(max_length=256)]], Meta(max_length=MAX_STOP_SEQUENCES)]
-        | None
-    ) = None
+    stop: StopSequence | Annotated[list[StopSequence], Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
     seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     user: Annotated[str, Meta(max_length=256)] | None = None
     stream: bool = False
@@ -58,6 +64,17 @@ class ChatCompletionRequest(Struct, forbid_unknown_fields=True):
     logprobs: Literal[False] | None = None
     metadata: dict[str, Annotated[str, Meta(max_length=512)]] | None = None
     store: bool | None = None
+
+    def check_limits(self) -> None:
+        """The limits one field's schema cannot say (raises APIError 400)."""
+        total = sum(len(message.text()) for message in self.messages)
+        if total > MAX_TOTAL_CHARS:
+            raise APIError(
+                400,
+                f"the messages hold {total} characters together; the limit is {MAX_TOTAL_CHARS}",
+                code="too_many_characters",
+                param="messages",
+            )
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
