@@ -24,6 +24,7 @@ from feedback.models import AdapterVersion, RegistryEvent, TuningRun
 from serving.adapters.manager import AdapterManager
 from serving.api.auth import admin_guard
 from serving.api.errors import APIError
+from serving.api.schemas import DbInt
 
 
 class VersionView(Struct):
@@ -80,11 +81,11 @@ class RunView(Struct):
 
 
 class PromoteRequest(Struct, forbid_unknown_fields=True):
-    version: int
+    version: DbInt
 
 
 class CanaryRequest(Struct, forbid_unknown_fields=True):
-    version: int
+    version: DbInt
     share: Annotated[float, Meta(gt=0.0, le=1.0)]
 
 
@@ -311,7 +312,7 @@ class AdminController(Controller):
         return [run_view(run) for run in rows]
 
     @get("/runs/{run_id:int}", summary="One tuning run")
-    async def run(self, run_id: int, db_session: AsyncSession) -> RunView:
+    async def run(self, run_id: Annotated[int, Parameter(ge=1, le=2**31 - 1)], db_session: AsyncSession) -> RunView:
         row = await db_session.get(TuningRun, run_id)
         if row is None:
             raise NotFoundException(f"no tuning run {run_id}")

@@ -17,6 +17,9 @@ MAX_STOP_CHARS = 256
 # The schema's ceiling; the real one is the context left after the prompt (a 400 naming the parameter).
 MAX_TOKENS_CEILING = 2**31 - 1
 
+# Ids and version numbers the client sends: bounded to what an INTEGER column holds, so a huge one is a 400
+# (or a 404), never a database overflow.
+DbInt = Annotated[int, Meta(ge=1, le=2**31 - 1)]
 StopSequence = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]
 MaxTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS_CEILING)]
 
