@@ -6,11 +6,13 @@ import hashlib
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from feedback import api_keys
-from feedback.db import make_sync_engine, session_scope
+from feedback.db import make_async_engine, make_sync_engine, session_scope
 from feedback.models import ApiKey
 from serving import cli
+from serving.api.auth import KeyVerifier
 from serving.settings import Settings
 
 
@@ -101,3 +103,25 @@ def test_cli_serve_refuses_local_mode_on_a_public_address(tmp_path, monkeypatch:
     with pytest.raises(SystemExit) as stopped:
         cli.main(["serve", "--data-dir", str(tmp_path)])
     assert "LORALOOP_AUTH=keys" in str(stopped.value.code)
+
+
+async def test_servers_remember_a_checked_key_only_for_the_cache_window(database_url: str) -> None:
+    """The documented trade-off of LORALOOP_KEY_CACHE_SECONDS: a revocation reaches a server within it."""
+    engine = make_sync_engine(database_url)
+    with session_scope(engine) as session:
+        row, token = api_keys.create_key(session, "user")
+        key_id = row.id
+    async_engine = make_async_engine(database_url)
+    sessions = async_sessionmaker(async_engine, expire_on_commit=False)
+    remembering, checking = KeyVerifier(sessions, ttl_seconds=300), KeyVerifier(sessions, ttl_seconds=0)
+    try:
+        assert (await remembering.caller_for(token)).id == key_id
+        assert (await checking.caller_for(token)).id == key_id
+        with session_scope(engine) as session:
+            api_keys.revoke_key(session, key_id)
+        assert (await remembering.caller_for(token)).id == key_id  # within its window
+        assert await checking.caller_for(token) is None
+        assert await remembering.caller_for("ll_" + "0" * 12 + "_" + "x" * 43) is None
+    finally:
+        await async_engine.dispose()
+        engine.dispose()
