@@ -162,7 +162,10 @@ class BatchedEngine:
     def generate(self, request: GenerationRequest) -> _Stream:
         """Queue a request at once (so overload is refused before any response starts) and stream it."""
         with self._lock:
-            if self._queued >= self.limits.max_waiting:
+            # Requests beyond the free sequence slots wait; `max_waiting` bounds only those, so
+            # max_waiting=0 still serves up to max_running at once. (`running` is read from another
+            # thread: at worst a slot that frees right now is counted busy for this one call.)
+            if self._queued + len(self.scheduler.running) >= self.limits.max_running + self.limits.max_waiting:
                 raise EngineOverloaded(f"{self._queued} requests are already waiting")
             self._queued += 1
         params = request.sampling
@@ -317,12 +320,13 @@ class BatchedEngine:
                 samplers.append(seq)
         device = self.device
         batch = StepBatch(
-            token_ids=torch.tensor(tokens, device=device),
-            positions=torch.tensor(positions, device=device),
+            token_ids=torch.tensor(tokens, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
             decode_slots=[s.kv_slot for s in plan.decode],
             decode_lengths=[s.cached + 1 for s in plan.decode],
             prefills=chunks,
-            logits_rows=torch.tensor(logits_rows, device=device),
+            # long even when empty (a step of only unfinished prompt chunks samples nothing)
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=device),
             adapters=self.adapter_slots.plan(token_slots),
         )
         logits = self.lean.forward(batch, self.cache, self.adapter_slots)  # [R, vocab]

@@ -36,6 +36,7 @@ class KVCache:
             raise ValueError("the KV cache needs at least one slot and one position")
         self.slots = slots
         self.capacity = capacity
+        self.kv_heads = kv_heads
         shape = (slots, kv_heads, capacity, head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
