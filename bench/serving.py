@@ -1,0 +1,640 @@
+"""Serving throughput and latency through HTTP, loraloop against baselines run in the same invocation.
+
+    make bench                                                            # A + loraloop
+    flock /tmp/loraloop-cpu.lock .venv/bin/python bench/serving.py --llama-cpp   # + both llama.cpp servers
+
+Every engine is a server process answering OpenAI streaming chat requests (chat prompts, greedy,
+max_tokens 128) from N concurrent clients, each sending requests back to back for `--seconds`;
+tokens count when they arrive before the window closes, so servers that run one request at a time
+are not flattered by a long drain. Engines:
+
+- A: plain transformers + PEFT `generate` with a streamer, one request at a time, behind a minimal
+  threaded HTTP server (this file, `--serve-hf`), same adapter and dtype as loraloop;
+- B (opt-in `--llama-cpp`): the pip `llama-cpp-python[server]` (n_threads 1, its faster setting on 2
+  cores) and the native `llama-server` built with cmake from that sdist's vendored llama.cpp
+  (`-t 2 -np 32`, continuous batching), on the bundled GGUF (Q4_1, base model: no adapter), with
+  `repeat_penalty` 1.0 so greedy means greedy. Built once into ~/.cache/loraloop/llama.cpp;
+- loraloop: `loraloop serve` on a temporary data dir, with nine random rank-16 adapter versions of
+  `default` registered (v1 active).
+
+Figures: aggregate completion tok/s at each concurrency, time to first token and inter-token latency
+p50/p99, peak RSS of each server, the machine's measured matmul GFLOP/s and memory GB/s and what
+share of them loraloop reaches, 8 different pinned adapters mixed vs one, and a hot-swap (v9 promoted
+in the registry) in the middle of a 32-client run: failed requests and latency around the swap.
+It prints a table with ratios and writes everything to a JSON file (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+VENV_BIN = Path(sys.executable).parent
+MODEL_CACHE = Path(os.environ.get("LORALOOP_MODEL_CACHE_DIR", Path.home() / ".cache" / "loraloop"))
+LLAMA_DIR = MODEL_CACHE / "llama.cpp"
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+MAX_TOKENS = 128
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a refrigerator keeps food cold, step by step.",
+    "Describe a walk through a busy market in the morning.",
+    "Give me ten tips for learning a new language, with a sentence on each.",
+    "Tell me about the history of the bicycle.",
+    "Write a letter to a friend about a trip to the mountains.",
+    "Explain why the sky is blue to a curious child.",
+    "Describe how bread is made, from the field to the table.",
+]
+
+
+# -- the load client ------------------------------------------------------------------------------
+@dataclass
+class Request:
+    started: float
+    chunk_times: list[float] = field(default_factory=list)
+    tokens: int = 0  # the server's usage count when it finished in the window, else chunks received in it
+    failed: str | None = None
+    fingerprint: str | None = None
+
+
+@dataclass
+class Level:
+    clients: int
+    seconds: float
+    tok_s: float
+    requests: int
+    failed: int
+    ttft_ms: dict[str, float]
+    itl_ms: dict[str, float]
+    errors: list[str]
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p99": float("nan")}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": round(pick(0.5) * 1000, 1), "p99": round(pick(0.99) * 1000, 1)}
+
+
+async def _stream(http: httpx.AsyncClient, payload: dict[str, Any], deadline: float) -> Request:
+    """One streamed chat request; cut off (the client hangs up) when the window closes."""
+    request = Request(started=time.perf_counter())
+    body = payload | {"stream": True, "stream_options": {"include_usage": True}}
+    try:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                request.failed = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return request
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                now = time.perf_counter()
+                request.fingerprint = event.get("system_fingerprint") or request.fingerprint
+                if event.get("usage"):
+                    request.tokens = event["usage"]["completion_tokens"]
+                elif event.get("choices") and event["choices"][0].get("delta", {}).get("content"):
+                    if now > deadline:
+                        break
+                    request.chunk_times.append(now)
+            else:
+                request.tokens = request.tokens or len(request.chunk_times)
+                return request
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        request.failed = f"{type(exc).__name__}: {exc}"
+    request.tokens = len(request.chunk_times)  # cut off: what arrived in the window
+    return request
+
+
+async def run_level(
+    url: str,
+    clients: int,
+    seconds: float,
+    payload: Callable[[int, int], dict[str, Any]],
+    during: Callable[[float], Any] | None = None,
+) -> tuple[Level, list[Request]]:
+    """`clients` loops of back-to-back requests for `seconds`; `payload(client, n)` builds each request."""
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as http:
+        start = time.perf_counter()
+        deadline = start + seconds
+        done: list[Request] = []
+
+        async def client(i: int) -> None:
+            n = 0
+            while time.perf_counter() < deadline:
+                done.append(await _stream(http, payload(i, n), deadline))
+                n += 1
+
+        tasks = [client(i) for i in range(clients)]
+        if during is not None:
+            tasks.append(during(start))
+        await asyncio.gather(*tasks)
+    ttft = [r.chunk_times[0] - r.started for r in done if r.chunk_times]
+    itl = [b - a for r in done for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
+    failed = [r for r in done if r.failed]
+    level = Level(
+        clients=clients,
+        seconds=seconds,
+        tok_s=round(sum(r.tokens for r in done if not r.failed) / seconds, 1),
+        requests=len(done),
+        failed=len(failed),
+        ttft_ms=_percentiles(ttft),
+        itl_ms=_percentiles(itl),
+        errors=sorted({r.failed for r in failed if r.failed})[:5],
+    )
+    return level, done
+
+
+def chat(model: str, client: int, n: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    prompt = PROMPTS[(client + n) % len(PROMPTS)]
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS}
+    return body | {"temperature": 0} | (extra or {})
+
+
+async def settle(url: str, model: str, extra: dict[str, Any] | None = None) -> None:
+    """Warm the server up and wait until work left from a previous level (cut-off requests) is done."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        body = chat(model, 0, 0, extra) | {"max_tokens": 4}
+        response = await http.post("/v1/chat/completions", json=body)
+        response.raise_for_status()
+
+
+# -- server processes -----------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _peak_rss_mib(pid: int) -> float:
+    """VmHWM: the most resident memory the process ever had."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+@contextlib.contextmanager
+def server_process(
+    command: list[str], ready_path: str, log_path: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = _free_port()
+    command = [part.replace("{port}", str(port)) for part in command]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"{command[0]} exited: {log_path.read_text(errors='replace')[-2000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + ready_path, timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{command[0]} not ready in 300 s; see {log_path}")
+                time.sleep(0.5)
+            yield url, process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+# -- baseline A: transformers + PEFT generate, one request at a time ------------------------------
+def serve_hf(port: int, adapter_dir: Path) -> None:
+    """What a user writes first: load base + LoRA with PEFT, `generate` under a lock, stream tokens as SSE."""
+    import torch
+    from peft import PeftModel
+    from transformers.generation.streamers import BaseStreamer
+
+    from serving import base_model
+    from serving.prompt import render_prompt
+
+    model_dir = base_model.prepare_bundled_model(MODEL_CACHE)
+    device = torch.device("cpu")
+    dtype = base_model.resolve_dtype("auto", device)
+    model = PeftModel.from_pretrained(base_model.load_model(model_dir, device, dtype), adapter_dir).eval()
+    tokenizer = base_model.load_tokenizer(model_dir)
+    one_at_a_time = threading.Lock()
+
+    class SSE(BaseStreamer):
+        def __init__(self, out: Any) -> None:
+            self.out, self.prompt_seen, self.count = out, False, 0
+
+        def put(self, value: torch.Tensor) -> None:
+            if not self.prompt_seen:  # generate hands the prompt over first
+                self.prompt_seen = True
+                return
+            for token in value.reshape(-1).tolist():
+                self.count += 1
+                self.send({"choices": [{"index": 0, "delta": {"content": tokenizer.decode([token])}}]})
+
+        def end(self) -> None:
+            pass
+
+        def send(self, event: dict[str, Any]) -> None:
+            self.out.write(b"data: " + json.dumps(event).encode() + b"\n\n")  # BrokenPipe ends generate
+            self.out.flush()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"  # the connection closes after each answer: no chunked encoding needed
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = render_prompt(tokenizer, body["messages"])
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            streamer = SSE(self.wfile)
+            try:
+                with one_at_a_time, torch.inference_mode():
+                    model.generate(
+                        torch.tensor([prompt]),
+                        max_new_tokens=body.get("max_tokens", MAX_TOKENS),
+                        do_sample=False,
+                        streamer=streamer,
+                    )
+                finish = [{"index": 0, "delta": {}, "finish_reason": "length"}]
+                streamer.send({"choices": finish})
+                usage = {"prompt_tokens": len(prompt), "completion_tokens": streamer.count}
+                streamer.send({"choices": [], "usage": usage})
+                self.wfile.write(b"data: [DONE]\n\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client left; the lock is free for the next request
+
+    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+
+
+# -- baseline B: llama.cpp, built once outside the repository -------------------------------------
+def _run(command: list[str], **kwargs: Any) -> None:
+    print("  $", " ".join(command), flush=True)
+    subprocess.run(command, check=True, **kwargs)
+
+
+def ensure_llama_cpp() -> tuple[Path, Path]:
+    """The pip server's Python and the native llama-server from the same sdist (~4 min each the first time)."""
+    env = os.environ | {"CMAKE_BUILD_PARALLEL_LEVEL": "2"}
+    venv = LLAMA_DIR / "venv"
+    python = venv / "bin" / "python"
+    if not (venv / ".installed").exists():
+        _run([sys.executable, "-m", "venv", str(venv)])
+        _run([str(python), "-m", "pip", "install", "-q", f"{LLAMA_CPP_PYTHON.replace('==', '[server]==')}"], env=env)
+        (venv / ".installed").touch()
+    server = LLAMA_DIR / "build" / "bin" / "llama-server"
+    if not server.exists():
+        sdists = LLAMA_DIR / "sdist"
+        _run([str(python), "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(sdists),
+              LLAMA_CPP_PYTHON])  # fmt: skip
+        archive = next(sdists.glob("llama_cpp_python-*.tar.gz"))
+        source = LLAMA_DIR / "src"
+        shutil.rmtree(source, ignore_errors=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(source, filter="data")
+        vendored = next(source.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
+        build = LLAMA_DIR / "build"
+        _run(["cmake", "-S", str(vendored), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+              "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"], env=env)  # fmt: skip
+        _run(["cmake", "--build", str(build), "-j2", "--target", "llama-server"], env=env)
+    return python, server
+
+
+# -- loraloop: a data dir with nine adapter versions ----------------------------------------------
+def prepare_loraloop(data_dir: Path, versions: int = 9) -> tuple[str, Path]:
+    """Migrate a fresh SQLite DB and register `versions` random rank-16 adapters of `default` (v1 active)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from feedback import adapter_registry, migrate
+    from feedback.db import make_sync_engine, session_scope
+    from feedback.models import AdapterVersion
+    from serving import base_model
+    from serving.adapters.store import write_version
+    from serving.engine.lora import SERVABLE_MODULES
+
+    url = f"sqlite:///{data_dir / 'loraloop.db'}"
+    data_dir.mkdir(parents=True)
+    migrate.upgrade(url)
+    model_dir = base_model.prepare_bundled_model(MODEL_CACHE)
+    targets = sorted(SERVABLE_MODULES)
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False)
+    model = get_peft_model(base_model.load_model(model_dir, torch.device("cpu"), torch.float32), config)
+    engine = make_sync_engine(url)
+    for number in range(1, versions + 1):
+        torch.manual_seed(number)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.normal_(0, 0.02)  # a real but gentle change: answers differ, text stays text
+        source = data_dir / "sources" / f"v{number}"
+        model.save_pretrained(source, safe_serialization=True)
+        stored = write_version(data_dir / "adapters", "default", number, source)
+        with session_scope(engine) as session:
+            version = adapter_registry.register_version(
+                session,
+                AdapterVersion(
+                    adapter_name="default",
+                    version=number,
+                    path=stored.relative_path,
+                    sha256=stored.sha256,
+                    base_model_id="SmolLM2-135M-Instruct",
+                    rank=16,
+                    alpha=32,
+                    target_modules=targets,
+                ),
+            )
+            if number == 1:
+                adapter_registry.promote(session, version.id, actor="bench")
+    engine.dispose()
+    return url, data_dir / "sources" / "v1"
+
+
+def promote(url: str, number: int) -> None:
+    from sqlalchemy import select
+
+    from feedback import adapter_registry
+    from feedback.db import make_sync_engine, session_scope
+    from feedback.models import AdapterVersion
+
+    engine = make_sync_engine(url)
+    with session_scope(engine) as session:
+        version = session.scalars(
+            select(AdapterVersion).where(AdapterVersion.adapter_name == "default", AdapterVersion.version == number)
+        ).one()
+        adapter_registry.promote(session, version.id, actor="bench", reason="hot-swap under load")
+    engine.dispose()
+
+
+# -- the machine ----------------------------------------------------------------------------------
+def machine_ceilings() -> dict[str, float]:
+    """Measured matmul GFLOP/s (fp32, bf16, 2048x2048) and memory bandwidth (copy of 512 MiB, read + write)."""
+    import torch
+
+    def best(run: Callable[[], Any], repeat: int = 5) -> float:
+        run()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    out: dict[str, float] = {"threads": torch.get_num_threads()}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        seconds = best(lambda a=a, b=b: [a @ b for _ in range(4)]) / 4
+        out[f"matmul_gflops_{str(dtype).removeprefix('torch.')}"] = round(2 * 2048**3 / seconds / 1e9, 1)
+    src = torch.ones(128 * 2**20)  # 512 MiB of fp32
+    dst = torch.empty_like(src)
+    out["memory_gb_s"] = round(2 * src.numel() * 4 / best(lambda: dst.copy_(src)) / 1e9, 1)
+    return out
+
+
+def model_params() -> int:
+    from safetensors import safe_open
+
+    from serving import base_model
+
+    total = 0
+    for path in base_model.prepare_bundled_model(MODEL_CACHE).glob("*.safetensors"):
+        with safe_open(path, "pt") as tensors:
+            for name in tensors.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                total += math.prod(tensors.get_slice(name).get_shape())
+    return total
+
+
+# -- scenarios ------------------------------------------------------------------------------------
+async def concurrency_levels(
+    url: str, model: str, levels: list[int], seconds: float, extra: dict[str, Any] | None = None
+) -> list[Level]:
+    results = []
+    for clients in levels:
+        await settle(url, model, extra)
+        level, _ = await run_level(url, clients, seconds, lambda i, n: chat(model, i, n, extra))
+        print(f"    {clients:>3} clients: {level.tok_s:7.1f} tok/s  ttft p50 {level.ttft_ms['p50']} ms  "
+              f"itl p50 {level.itl_ms['p50']} ms  failed {level.failed}", flush=True)  # fmt: skip
+        results.append(level)
+    await settle(url, model, extra)
+    return results
+
+
+async def hot_swap(url: str, db_url: str, seconds: float) -> dict[str, Any]:
+    """32 clients on `default`; v9 is promoted in the registry half-way; compare latency around the flip."""
+    swap: dict[str, float] = {}
+
+    async def promote_midway(start: float) -> None:
+        await asyncio.sleep(seconds / 2)
+        swap["promoted"] = time.perf_counter()
+        await asyncio.to_thread(promote, db_url, 9)
+
+    await settle(url, "default")
+    level, requests = await run_level(url, 32, seconds, lambda i, n: chat("default", i, n), promote_midway)
+    promoted = swap["promoted"]
+    switched = min((r.started for r in requests if r.fingerprint == "default@9"), default=float("nan"))
+    window = (promoted, (switched if switched == switched else promoted) + 2.0)
+
+    def gaps(keep: Callable[[float], bool]) -> list[float]:
+        return [b - a for r in requests for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False) if keep(b)]
+
+    steady, during = gaps(lambda t: t < promoted), gaps(lambda t: window[0] <= t <= window[1])
+    return {
+        "level": asdict(level),
+        "requests_on_new_version": sum(r.fingerprint == "default@9" for r in requests),
+        "seconds_to_first_request_on_new_version": round(switched - promoted, 2),
+        "itl_ms_steady": _percentiles(steady),
+        "itl_ms_during_swap": _percentiles(during),
+    }
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="loraloop-bench-"))
+    levels = [int(c) for c in args.concurrency.split(",")]
+    report: dict[str, Any] = {"max_tokens": MAX_TOKENS, "seconds_per_level": args.seconds, "engines": {}}
+    print("machine ceilings ...", flush=True)
+    report["machine"] = machine_ceilings()
+    report["model_params"] = model_params()
+    print(f"  {report['machine']}, {report['model_params'] / 1e6:.1f} M params", flush=True)
+    db_url, adapter_v1 = prepare_loraloop(work / "data")
+
+    if not args.skip_baseline:
+        print("baseline A: transformers + PEFT generate, one request at a time", flush=True)
+        command = [sys.executable, str(Path(__file__).resolve()), "--serve-hf", "{port}", str(adapter_v1)]
+        with server_process(command, "/", work / "hf.log") as (url, process):
+            runs = await concurrency_levels(url, "default", levels, args.seconds)
+            report["engines"]["A: transformers+PEFT"] = {"levels": runs, "peak_rss_mib": _peak_rss_mib(process.pid)}
+
+    if args.llama_cpp:
+        python, llama_server = ensure_llama_cpp()
+        from serving.base_model import bundled_gguf_path
+
+        gguf = str(bundled_gguf_path())
+        greedy = {"repeat_penalty": 1.0}
+        native = [str(llama_server), "-m", gguf, "--host", "127.0.0.1", "--port", "{port}", "-t", "2", "-tb", "2",
+                  "-c", "8192", "-np", "32", "-kvu", "--no-webui"]  # fmt: skip
+        print("baseline B: native llama-server (-t 2 -np 32)", flush=True)
+        with server_process(native, "/health", work / "llama-server.log") as (url, process):
+            runs = await concurrency_levels(url, "default", levels, args.seconds, greedy)
+            report["engines"]["B: llama-server"] = {"levels": runs, "peak_rss_mib": _peak_rss_mib(process.pid)}
+        pip_server = [str(python), "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
+                      "--port", "{port}", "--n_threads", "1", "--n_threads_batch", "1", "--n_ctx", "2048",
+                      "--verbose", "False"]  # fmt: skip
+        print("baseline B: llama-cpp-python server (n_threads 1)", flush=True)
+        with server_process(pip_server, "/v1/models", work / "llama-cpp-python.log") as (url, process):
+            runs = await concurrency_levels(url, "default", levels, args.seconds, greedy)
+            report["engines"]["B: llama-cpp-python"] = {"levels": runs, "peak_rss_mib": _peak_rss_mib(process.pid)}
+
+    print("loraloop serve", flush=True)
+    env = os.environ | {
+        "LORALOOP_DATA_DIR": str(work / "data"),
+        "LORALOOP_MODEL_CACHE_DIR": str(MODEL_CACHE),
+        "LORALOOP_SWAP_POLL_SECONDS": "0.5",
+        "LORALOOP_MAX_LOADED_ADAPTERS": "10",
+        "LORALOOP_LOG_FORMAT": "json",
+        "LORALOOP_LOG_LEVEL": "warning",
+        "LORALOOP_TUNING_SCHEDULE_ENABLED": "false",
+    }
+    command = [str(VENV_BIN / "loraloop"), "serve", "--port", "{port}"]
+    with server_process(command, "/ready", work / "loraloop.log", env) as (url, process):
+        engine: dict[str, Any] = {"levels": await concurrency_levels(url, "default", levels, args.seconds)}
+        print("  one pinned adapter vs eight mixed, 32 clients", flush=True)
+        for name, model_of in (("single_adapter", lambda i: "default@1"), ("mixed_8_adapters", _mixed)):
+            await settle(url, model_of(0))
+            level, _ = await run_level(url, 32, args.seconds, lambda i, n, m=model_of: chat(m(i), i, n))
+            engine[name] = asdict(level)
+            print(f"    {name}: {level.tok_s} tok/s, failed {level.failed}", flush=True)
+        print("  hot-swap to default@9 in the middle of a 32-client run", flush=True)
+        engine["hot_swap"] = await hot_swap(url, db_url, max(args.seconds, 20))
+        print(f"    {engine['hot_swap']}", flush=True)
+        engine["peak_rss_mib"] = _peak_rss_mib(process.pid)
+        report["engines"]["loraloop"] = engine
+    shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _mixed(client: int) -> str:
+    return f"default@{client % 8 + 1}"
+
+
+# -- the report -----------------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    if isinstance(value, Level):
+        return asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def summarise(report: dict[str, Any]) -> str:
+    engines = report["engines"]
+    levels = [lv["clients"] for lv in engines["loraloop"]["levels"]]
+    lines = ["", f"aggregate completion tok/s (max_tokens {MAX_TOKENS}, {report['seconds_per_level']} s per level)"]
+    header = (
+        f"{'engine':<24}"
+        + "".join(f"{c:>9} cl" for c in levels)
+        + "   TTFT p50/p99 ms @1 | @32    ITL p50/p99 ms @1 | @32   peak RSS"
+    )
+    lines.append(header)
+    for name, data in engines.items():
+        runs = {lv["clients"]: lv for lv in data["levels"]}
+        row = f"{name:<24}" + "".join(f"{runs[c]['tok_s']:>12.1f}" if c in runs else f"{'-':>12}" for c in levels)
+
+        def lat(key: str, c: int, runs: dict[int, Any] = runs) -> str:
+            return f"{runs[c][key]['p50']:.0f}/{runs[c][key]['p99']:.0f}" if c in runs else "-"
+
+        lo, hi = levels[0], levels[-1]
+        row += (
+            f"   {lat('ttft_ms', lo):>12} | {lat('ttft_ms', hi):<12} {lat('itl_ms', lo):>10} | {lat('itl_ms', hi):<10}"
+        )
+        row += f" {data['peak_rss_mib']:>8.0f} MiB"
+        lines.append(row)
+    ours = {lv["clients"]: lv["tok_s"] for lv in engines["loraloop"]["levels"]}
+    for name, data in engines.items():
+        if name == "loraloop":
+            continue
+        theirs = {lv["clients"]: lv["tok_s"] for lv in data["levels"]}
+        ratios = "".join(f"{ours[c] / theirs[c]:>11.2f}x" if theirs.get(c) else f"{'-':>12}" for c in levels)
+        lines.append(f"{'loraloop / ' + name.split(':')[0]:<24}{ratios}")
+    lo = engines["loraloop"]
+    single, mixed = lo["single_adapter"]["tok_s"], lo["mixed_8_adapters"]["tok_s"]
+    lines.append(f"8 mixed adapters vs 1 (32 clients): {mixed} / {single} tok/s = {mixed / single:.2f}x")
+    swap = lo["hot_swap"]
+    lines.append(
+        f"hot-swap under 32 clients: {swap['level']['failed']} failed of {swap['level']['requests']} requests, "
+        f"{swap['requests_on_new_version']} answered by the new version "
+        f"(first {swap['seconds_to_first_request_on_new_version']} s after promotion); ITL p50/p99 steady "
+        f"{swap['itl_ms_steady']['p50']}/{swap['itl_ms_steady']['p99']} ms, during swap "
+        f"{swap['itl_ms_during_swap']['p50']}/{swap['itl_ms_during_swap']['p99']} ms"
+    )
+    machine, params = report["machine"], report["model_params"]
+    flops = 2 * params
+    best = max(ours.values())
+    single_stream = ours.get(1, float("nan"))
+    lines.append(
+        f"machine: matmul fp32 {machine['matmul_gflops_float32']} / bf16 {machine['matmul_gflops_bfloat16']} GFLOP/s, "
+        f"memory {machine['memory_gb_s']} GB/s. loraloop at its best level uses "
+        f"{best * flops / 1e9:.0f} GFLOP/s = {100 * best * flops / 1e9 / machine['matmul_gflops_bfloat16']:.0f} % of "
+        f"bf16 matmul; single stream streams {single_stream * 2 * params / 1e9:.1f} GB/s of bf16 weights = "
+        f"{100 * single_stream * 2 * params / 1e9 / machine['memory_gb_s']:.0f} % of memory bandwidth"
+    )
+    report["efficiency"] = {
+        "compute_share_at_best_level": round(best * flops / 1e9 / machine["matmul_gflops_bfloat16"], 3),
+        "bandwidth_share_single_stream": round(single_stream * 2 * params / 1e9 / machine["memory_gb_s"], 3),
+    }
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--llama-cpp", action="store_true", help="also run both llama.cpp servers (built once)")
+    parser.add_argument("--skip-baseline", action="store_true", help="skip baseline A (quicker engine iterations)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measurement window per level")
+    parser.add_argument("--concurrency", default="1,4,16,32")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "loraloop-bench-serving.json")
+    parser.add_argument("--serve-hf", nargs=2, metavar=("PORT", "ADAPTER_DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_hf:
+        serve_hf(int(args.serve_hf[0]), Path(args.serve_hf[1]))
+        return
+    report = _plain(asyncio.run(bench(args)))
+    table = summarise(report)
+    print(table)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
