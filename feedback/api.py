@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from litestar import Controller, post
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from litestar.datastructures import State
+from litestar.di import Provide
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from feedback.callers import Caller
 from feedback.comparisons import ComparisonInput, submit_comparison
 from feedback.errors import InvalidFeedback
 from feedback.models import ComparisonOutcome
-from feedback.ratings import RatingInput, submit_rating
+from feedback.ratings import RatingInput, RatingWriter
 from feedback.schemas import ComparisonRequest, ComparisonResponse, FeedbackRequest, FeedbackResponse
 
 
@@ -34,14 +35,23 @@ def _comparison_input(data: ComparisonRequest) -> ComparisonInput:
     return ComparisonInput(a=a, b=b, outcome=outcome, comparison_id=data.comparison_id, end_user=data.user or "")  # type: ignore[arg-type]
 
 
+def provide_rating_writer(state: State, db_engine: AsyncEngine) -> RatingWriter:
+    """The app's one rating writer, made on first use so it lives on the serving event loop."""
+    writer = state.get("rating_writer")
+    if writer is None:
+        writer = state["rating_writer"] = RatingWriter(db_engine)
+    return writer
+
+
 class FeedbackController(Controller):
     tags = ["feedback"]
+    dependencies = {"rating_writer": Provide(provide_rating_writer, sync_to_thread=False)}
 
     @post("/v1/feedback", summary="Rate a completion (1 up, -1 down, 0 retract)", status_code=200)
     async def rate(
         self,
         data: FeedbackRequest,
-        db_session: AsyncSession,
+        rating_writer: RatingWriter,
         caller: Caller,
         on_rating: Callable[[str, str | None, int], None],
     ) -> FeedbackResponse:
@@ -54,21 +64,14 @@ class FeedbackController(Controller):
             feedback_id=data.feedback_id,
             end_user=data.user or "",
         )
-        for attempt in range(2):
-            try:
-                async with db_session.begin():
-                    row, completion = await db_session.run_sync(submit_rating, caller, rating)
-                break
-            except IntegrityError:
-                # Two first ratings of the same completion raced (PostgreSQL); the second becomes an update.
-                if attempt == 1:
-                    raise
-        on_rating(completion.served_by, completion.adapter_alias, row.rating)
+        # Answers after the shared transaction holding this rating committed (group commit).
+        row = await rating_writer.submit(caller, rating)
+        on_rating(row.served_by, row.adapter_alias, row.rating)
         return FeedbackResponse(
             id=row.id,
             completion_id=row.completion_id,
             rating=row.rating,
-            reasons=list(row.reasons),
+            reasons=row.reasons,
             status=row.status,
             revision=row.revision,
             created_at=row.created_at,

@@ -23,3 +23,28 @@ def make_random_adapter(
                 param.normal_(0, 0.2)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def make_tiny_model(tokenizer_dir: Path, out_dir: Path) -> Path:
+    """A 2-layer random Llama with the tokenizer (and chat template) of `tokenizer_dir`, for runs outside pytest
+    (`bench/load.py`); the tests' `tiny_model_dir` fixture builds the same shape."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
