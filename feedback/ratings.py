@@ -11,11 +11,12 @@ but many raters share one fsync and a handful of statements instead of a transac
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import structlog
 from sqlalchemy import insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
@@ -25,6 +26,8 @@ from feedback.callers import Caller
 from feedback.completions import get_completion_for
 from feedback.errors import ConflictingFeedback, FeedbackError
 from feedback.models import Completion, Feedback, FeedbackStatus, new_uuid, utcnow
+
+log = structlog.get_logger(__name__)
 
 MAX_BATCH = 256  # ratings per transaction: bounds the statement size and the time the loop spends per batch
 
@@ -213,8 +216,15 @@ class RatingWriter:
     the previous commit. Each waiting request is answered after *its* transaction committed (or failed).
     """
 
-    def __init__(self, engine: AsyncEngine, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        on_committed: Callable[[str, str | None, int], None] | None = None,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._on_committed = on_committed  # (served_by, alias, rating) per committed rating: the metrics
         self._max_batch = max_batch
         self._waiting: list[_Waiting] = []
         self._draining: asyncio.Task[None] | None = None
@@ -237,6 +247,11 @@ class RatingWriter:
             except Exception as error:  # the commit failed: nobody in this batch is acknowledged
                 outcomes = [error] * len(batch)
             for waiting, outcome in zip(batch, outcomes, strict=True):
+                if self._on_committed is not None and isinstance(outcome, StoredRating):
+                    try:
+                        self._on_committed(outcome.served_by, outcome.adapter_alias, outcome.rating)
+                    except Exception:  # a counter must never keep a committed rating from its answer
+                        log.exception("on_committed failed")
                 if waiting.answer.done():
                     continue  # its client went away; the rating may be stored, and that is fine
                 if isinstance(outcome, BaseException):

@@ -10,7 +10,6 @@ import anyio
 import structlog
 from advanced_alchemy.extensions.litestar import AsyncSessionConfig, SQLAlchemyAsyncConfig, SQLAlchemyPlugin
 from litestar import Litestar
-from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -18,6 +17,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from feedback import adapter_registry, api_keys, migrate
 from feedback.api import FeedbackController
 from feedback.db import is_sqlite, make_async_engine
+from feedback.ratings import RatingWriter
 from serving import base_model
 from serving.adapters.hot_swap import RegistryAccess, RegistryWatcher
 from serving.adapters.manager import AdapterManager
@@ -78,8 +78,9 @@ def prepare_database(settings: Settings) -> None:
 
 def create_app(settings: Settings, runtime: Runtime | None = None, tuning: TuningSettings | None = None) -> Litestar:
     tuning = tuning if tuning is not None else TuningSettings()
+    engine = make_async_engine(settings.database_url)
     db_config = SQLAlchemyAsyncConfig(
-        engine_instance=make_async_engine(settings.database_url),
+        engine_instance=engine,
         session_dependency_key="db_session",
         # Rows are read after commit to build responses: keep them loaded (no lazy IO outside the greenlet).
         session_config=AsyncSessionConfig(expire_on_commit=False),
@@ -138,6 +139,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None, tuning: Tunin
         app.state.scheduler = scheduler
         if tuning.schedule_enabled:
             scheduler.start()
+        # Ratings commit in groups (feedback.ratings); each is counted once its transaction committed.
+        app.state.rating_writer = RatingWriter(engine, on_committed=count_rating)
         app.state.ready = True
         log.info("ready", model=rt.base_model_id, aliases=sorted(manager.aliases))
         try:
@@ -158,7 +161,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None, tuning: Tunin
             WebController,
             static_router,
         ],
-        dependencies=DEPENDENCIES | {"on_rating": Provide(lambda: count_rating, sync_to_thread=False)},
+        dependencies=DEPENDENCIES,
         plugins=[SQLAlchemyPlugin(config=db_config)],
         middleware=[authentication_middleware(settings)],
         guards=[admin_paths_guard],
