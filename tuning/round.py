@@ -34,6 +34,7 @@ from serving.adapters.store import read_version, sweep, write_version
 from serving.engine.lora import SERVABLE_MODULES
 from serving.settings import Settings
 from tuning import trainer
+from tuning.crew import Crew, TrainingOrders
 from tuning.datasets import dpo_dataset, kto_dataset
 from tuning.gate import Contenders, GateReport, run_gate
 from tuning.lock import RoundLock
@@ -91,6 +92,9 @@ class _RunReporter:
 
 def run_round(settings: Settings, tuning: TuningSettings, *, alias: str, trigger: str) -> RoundOutcome:
     started = time.perf_counter()
+    crew = Crew(cpu=trainer.training_device(tuning).type == "cpu")
+    if not crew.is_main:
+        return _follow(settings, tuning, crew)
     db = make_sync_engine(settings.database_url)
     lock = RoundLock(db, ttl_seconds=tuning.lock_ttl_seconds)
     run_id: int | None = None
@@ -117,7 +121,7 @@ def run_round(settings: Settings, tuning: TuningSettings, *, alias: str, trigger
         if run_id is None:
             return RoundOutcome(None, "skipped", reason=blocked)
         lock.on_renew = lambda: _heartbeat(db, run_id)
-        outcome = _train_gate_publish(settings, tuning, db, run_id, alias, lock)
+        outcome = _train_gate_publish(settings, tuning, db, run_id, alias, lock, crew)
     except Exception as exc:
         log.exception("tuning round failed")
         if run_id is not None:
@@ -126,6 +130,7 @@ def run_round(settings: Settings, tuning: TuningSettings, *, alias: str, trigger
                 tuning_runs.finish_run(session, run_id, RunStatus.FAILED, error=error)
         outcome = RoundOutcome(run_id=run_id, status="failed", reason=f"{type(exc).__name__}: {exc}")
     finally:
+        crew.send(None)  # followers still waiting (a skipped or failed round) go home
         lock.release()
         db.dispose()
     outcome.seconds = time.perf_counter() - started
@@ -171,8 +176,49 @@ def split_heldout(
     return train_r, held_r, shuffled[cut:], shuffled[:cut]
 
 
+def _follow(settings: Settings, tuning: TuningSettings, crew: Crew) -> RoundOutcome:
+    """A follower process under `accelerate launch`: train what the main process sends, touch nothing else."""
+    orders = crew.receive()
+    if orders is None:
+        return RoundOutcome(None, "follower", reason="the main process trained nothing this round")
+    policy, tokenizer, device = _load_policy(settings, tuning, orders.parent_dir)
+    with tempfile.TemporaryDirectory(prefix="loraloop-tune-") as scratch:
+        _train(policy, tokenizer, orders, tuning, device, Path(scratch), lambda *_: None)
+    return RoundOutcome(orders.run_id, "follower")
+
+
+def _load_policy(settings: Settings, tuning: TuningSettings, parent_dir: Path | None) -> tuple[Any, Any, torch.device]:
+    source = base_model.resolve_base_model(settings)
+    device = trainer.training_device(tuning)
+    tokenizer = base_model.load_tokenizer(source.path)
+    model = base_model.load_model(source.path, device, torch.float32)
+    return trainer.attach_adapter(model, tuning, parent_dir), tokenizer, device
+
+
+def _train(
+    policy: Any,
+    tokenizer: Any,
+    orders: TrainingOrders,
+    tuning: TuningSettings,
+    device: torch.device,
+    workdir: Path,
+    report: trainer.Progress,
+) -> list[trainer.PhaseResult]:
+    """KTO on the thumbs, then DPO on the pairs: the same calls, in the same order, in every process."""
+    kto = None
+    if orders.train_ratings:
+        kto = kto_dataset(orders.train_ratings, orders.train_comparisons, seed=tuning.seed)
+    pairs = dpo_dataset(orders.train_ratings, orders.train_comparisons, seed=tuning.seed)
+    phases: list[trainer.PhaseResult] = []
+    if kto is not None and len(kto.dataset) >= 2:
+        phases.append(trainer.train_kto(policy, tokenizer, kto, tuning, device, workdir, report))
+    if pairs is not None:
+        phases.append(trainer.train_dpo(policy, tokenizer, pairs, tuning, device, workdir, report))
+    return phases
+
+
 def _train_gate_publish(
-    settings: Settings, tuning: TuningSettings, db: Engine, run_id: int, alias: str, lock: RoundLock
+    settings: Settings, tuning: TuningSettings, db: Engine, run_id: int, alias: str, lock: RoundLock, crew: Crew
 ) -> RoundOutcome:
     report = _RunReporter(db, run_id)
     with session_scope(db) as session:
@@ -209,22 +255,17 @@ def _train_gate_publish(
 
     report.stage("loading", 0.05)
     source = base_model.resolve_base_model(settings)
-    device = trainer.training_device(tuning)
-    tokenizer = base_model.load_tokenizer(source.path)
-    model = base_model.load_model(source.path, device, torch.float32)
     parent_dir = None
     if parent is not None:
         # The parent is verified like a server would before training on top of it.
         read_version(settings.adapters_path, parent.path, parent.sha256, max_rank=256, allowed_modules=SERVABLE_MODULES)
         parent_dir = settings.adapters_path / parent.path
-    policy = trainer.attach_adapter(model, tuning, parent_dir)
-    phases: list[trainer.PhaseResult] = []
+    orders = TrainingOrders(run_id, train_r, train_c, parent_dir)
+    crew.send(orders)
+    policy, tokenizer, device = _load_policy(settings, tuning, parent_dir)
     with tempfile.TemporaryDirectory(prefix="loraloop-tune-") as scratch:
         workdir = Path(scratch)
-        if kto is not None and len(kto.dataset) >= 2:
-            phases.append(trainer.train_kto(policy, tokenizer, kto, tuning, device, workdir, report))
-        if pairs is not None:
-            phases.append(trainer.train_dpo(policy, tokenizer, pairs, tuning, device, workdir, report))
+        phases = _train(policy, tokenizer, orders, tuning, device, workdir, report)
         if not phases:
             reason = "not enough rows to train on"
             with session_scope(db) as session:

@@ -11,6 +11,7 @@ checkpointing (it only costs time on a 135M model), bf16 autocast where the hard
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,9 +59,13 @@ class _ProgressCallback(TrainerCallback):
 
 
 def training_device(tuning: TuningSettings) -> torch.device:
-    if tuning.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(tuning.device)
+    wanted = tuning.device
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda":
+        # Under `accelerate launch` each process owns one GPU: LOCAL_RANK says which.
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(wanted)
 
 
 def use_bf16(tuning: TuningSettings, device: torch.device) -> bool:
