@@ -35,5 +35,11 @@ chromium:
 test: setup chromium lint
 	$(BIN)/pytest
 
+# The serving benchmark (not a test): loraloop against transformers+PEFT through HTTP, in one run;
+# BENCH_ARGS=--llama-cpp adds both llama.cpp servers (built once into ~/.cache/loraloop/llama.cpp).
+# flock: on a shared machine, benchmarks must not overlap.
+bench: setup
+	flock /tmp/loraloop-cpu.lock $(BIN)/python bench/serving.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
