@@ -56,11 +56,16 @@ class RoundRow:
     version: str = ""
     active_after: str = ""
     heldout_uprate: float = 0.0
+    heldout_uprate_greedy: float = 0.0
     factual: float = 0.0
     gate: dict[str, Any] = field(default_factory=dict)
     canary: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
+
+    def measured(self, m: Measurement) -> None:
+        self.heldout_uprate, self.heldout_uprate_greedy = m.uprate, m.uprate_greedy
+        self.factual, self.active_after = m.factual, m.answered_by
 
 
 def load_rule(spec: str) -> Rule:
@@ -176,28 +181,40 @@ class Users:
         return len(jobs)
 
 
-async def measure(users: Users, heldout: list[str]) -> tuple[float, float, str]:
-    """Held-out up-rate by the rule (greedy, no noise) and factual probe accuracy, through the API."""
+@dataclass
+class Measurement:
+    uprate: float  # held-out prompts answered the way users get them (their temperature, a fixed seed each)
+    uprate_greedy: float  # the same prompts at temperature 0
+    factual: float
+    answered_by: str
+
+
+async def measure(users: Users, heldout: list[str]) -> Measurement:
+    """Held-out up-rates by the rule (no noise: the true preference) and factual probes, through the API."""
     gate = asyncio.Semaphore(16)
     probes = factual_probes()
 
-    async def answer(prompt: str, max_tokens: int | None = None) -> tuple[str, str]:
+    async def answer(prompt: str, temperature: float, seed: int, max_tokens: int | None = None) -> tuple[str, str]:
         async with gate:
             body = {
                 "model": ALIAS,
                 "messages": [{"role": "user", "content": prompt}],
                 "max_tokens": max_tokens or users.max_tokens,
-                "temperature": 0,
+                "temperature": temperature,
+                "seed": seed,
                 "user": "bench-measure",
             }
             reply = (await users.client.post("/v1/chat/completions", json=body)).json()
             return reply["choices"][0]["message"]["content"], reply["system_fingerprint"]
 
-    held = await asyncio.gather(*(answer(p) for p in heldout))
-    facts = await asyncio.gather(*(answer(p.question, 32) for p in probes))
-    uprate = sum(users.rule(text, prompt) for (text, _), prompt in zip(held, heldout, strict=True)) / len(heldout)
+    def liked(answers: list[tuple[str, str]]) -> float:
+        return sum(users.rule(text, p) for (text, _), p in zip(answers, heldout, strict=True)) / len(heldout)
+
+    sampled = await asyncio.gather(*(answer(p, users.temperature, i) for i, p in enumerate(heldout)))
+    greedy = await asyncio.gather(*(answer(p, 0.0, 0) for p in heldout))
+    facts = await asyncio.gather(*(answer(p.question, 0.0, 0, 32) for p in probes))
     factual = sum(p.is_answered_by(text) for (text, _), p in zip(facts, probes, strict=True)) / len(probes)
-    return uprate, factual, held[0][1]
+    return Measurement(liked(sampled), liked(greedy), factual, greedy[0][1])
 
 
 async def admin(client: httpx.AsyncClient, path: str) -> Any:
@@ -252,20 +269,22 @@ async def play_round(
         row.canary = decided["evidence"]
     versions = [v for v in aliases[ALIAS]["versions"] if v["id"] == produced]
     row.version = versions[0]["label"] if versions else ""
-    row.heldout_uprate, row.factual, row.active_after = await measure(users, heldout)
+    row.measured(await measure(users, heldout))
     row.wall_seconds = round(time.monotonic() - started, 1)
     return row
 
 
 def print_table(rows: list[RoundRow]) -> None:
-    head = f"{'round':<10}{'ratings':>8}{'+/-':>9} {'outcome':<22}{'active':<12}{'held-out up':>12}{'factual':>9}"
+    head = f"{'round':<10}{'ratings':>8}{'+/-':>9} {'outcome':<22}{'active':<22}{'held-out up':>12}{'greedy':>8}"
+    head += f"{'factual':>9}"
     head += f"{'AUC':>7}{'z':>7}{'AUC/tok':>9}{'KL':>7}{'train s':>9}{'wall s':>8}"
     print(head)
     for r in rows:
         g = r.gate
         print(
-            f"{r.name:<10}{r.ratings_used:>8}{f'{r.desirable}/{r.undesirable}':>9} {r.outcome:<22}{r.active_after:<12}"
-            f"{r.heldout_uprate:>12.0%}{r.factual:>9.0%}{g.get('heldout_auc', float('nan')):>7.2f}"
+            f"{r.name:<10}{r.ratings_used:>8}{f'{r.desirable}/{r.undesirable}':>9} {r.outcome:<22}{r.active_after:<22}"
+            f"{r.heldout_uprate:>12.0%}{r.heldout_uprate_greedy:>8.0%}{r.factual:>9.0%}"
+            f"{g.get('heldout_auc', float('nan')):>7.2f}"
             f"{g.get('heldout_auc_z', float('nan')):>7.2f}{g.get('heldout_auc_per_token', float('nan')):>9.2f}"
             f"{g.get('probe_kl', float('nan')):>7.3f}{r.train_seconds:>9.0f}{r.wall_seconds:>8.0f}"
         )
@@ -279,7 +298,8 @@ def draw_chart(rows: list[RoundRow], rule: str, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     names = [r.name for r in rows]
-    ax.plot(names, [100 * r.heldout_uprate for r in rows], marker="o", label="held-out up-rate (rule)")
+    ax.plot(names, [100 * r.heldout_uprate for r in rows], marker="o", label="held-out up-rate (users' sampling)")
+    ax.plot(names, [100 * r.heldout_uprate_greedy for r in rows], marker="^", label="held-out up-rate (greedy)")
     ax.plot(names, [100 * r.factual for r in rows], marker="s", linestyle="--", label="factual probes correct")
     for i, r in enumerate(rows[1:], start=1):
         ax.annotate(r.outcome, (i, 100 * r.heldout_uprate), textcoords="offset points", xytext=(0, 8), fontsize=7)
@@ -309,7 +329,7 @@ async def run(args: argparse.Namespace) -> list[RoundRow]:
             await server.wait_ready(client)
             users = Users(client, rule, args.noise, args.max_tokens, args.temperature, args.seed)
             base = RoundRow("base")
-            base.heldout_uprate, base.factual, base.active_after = await measure(users, heldout)
+            base.measured(await measure(users, heldout))
             base.wall_seconds = round(time.monotonic() - started, 1)
             rows.append(base)
             print_table(rows)
