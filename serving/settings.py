@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     engine_threads: int = Field(
         0, ge=0, le=1024, description="Threads for the engine's tensor maths; 0 keeps PyTorch's default."
     )
+    merge_adapter_after_steps: int = Field(
+        16,
+        ge=0,
+        description="When every running sequence has used the same adapter for this many steps, fold it into a "
+        "copy of the weights (one more copy of the projections in memory) so those steps skip LoRA; 0 = never.",
+    )
     response_cache_entries: int = Field(
         0,
         ge=0,

@@ -145,6 +145,12 @@ class AdapterSlots:
                 a[slot].zero_()
                 b[:, slot].zero_()
 
+    def factors(self, group: str, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The slot's LoRA of one group and layer in fp32: (B [out, r], A [r, in]); None when not targeted."""
+        if group not in self._groups_of.get(slot, frozenset()):
+            return None
+        return self.b[group][layer][:, slot].float(), self.a[group][layer][slot].float()
+
     # -- per step -------------------------------------------------------------------------------
     def plan(self, token_slots: list[int]) -> AdapterPlan:
         """Decide once per step how LoRA is applied to these tokens (one slot id per token)."""

@@ -6,6 +6,10 @@ runs one step of the lean model over every running sequence (decode tokens plus 
 samples a token per row and hands the new text to each request's event loop, all in one call per
 step. Adapter loads and unloads run between steps, so they never stall a stream for longer than a
 slot copy.
+
+Most traffic uses one adapter (an alias's active version). When every row of `merge_after_steps`
+steps in a row uses the same adapter, it is merged into a copy of the projections (once, between
+steps) and later such steps skip LoRA entirely; mixed steps keep the per-row path.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -24,6 +29,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from serving.adapters.store import LoRAWeights
+from serving.engine.adapter_slots import AdapterPlan
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.lora import BASE_SLOT
 from serving.engine.model import LeanLlama, PrefillChunk, StepBatch
@@ -97,6 +103,7 @@ class BatchedEngine:
         max_waiting: int = 256,
         max_context: int = 2048,
         threads: int = 0,
+        merge_after_steps: int = 16,
     ) -> None:
         self.tokenizer = tokenizer
         self.device = model.device
@@ -107,6 +114,8 @@ class BatchedEngine:
         self.scheduler = Scheduler(self.limits, self.cache)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.threads = threads
+        self.merge_after_steps = merge_after_steps  # 0: never merge
+        self._streak = (BASE_SLOT, 0)  # (the one adapter slot of recent steps, how many steps in a row)
         self._max_loaded = max_loaded_adapters
         self._slot_of: dict[str, int] = {}
         self._free_adapter_slots = list(range(max_loaded_adapters, BASE_SLOT, -1))
@@ -213,6 +222,8 @@ class BatchedEngine:
         if any(s.adapter_slot == slot for s in self.scheduler.running):
             return False  # a running sequence still reads it: unload after it finishes
         del self._slot_of[key]
+        if self.lean.merged_slot == slot:
+            self.lean.drop_merged()
         self.adapter_slots.clear(slot)
         self._free_adapter_slots.append(slot)
         log.info("adapter unloaded", adapter=key, slot=slot)
@@ -319,6 +330,8 @@ class BatchedEngine:
                 logits_rows.append(len(tokens) - 1)
                 samplers.append(seq)
         device = self.device
+        adapters = self.adapter_slots.plan(token_slots)
+        self._maybe_merge(adapters)
         batch = StepBatch(
             token_ids=torch.tensor(tokens, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
@@ -327,7 +340,7 @@ class BatchedEngine:
             prefills=chunks,
             # long even when empty (a step of only unfinished prompt chunks samples nothing)
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=device),
-            adapters=self.adapter_slots.plan(token_slots),
+            adapters=adapters,
         )
         logits = self.lean.forward(batch, self.cache, self.adapter_slots)  # [R, vocab]
         for seq in plan.decode:
@@ -345,6 +358,16 @@ class BatchedEngine:
                 self._send(seq, chunk)
             if seq.finish is not None:
                 self.scheduler.release(seq)
+
+    def _maybe_merge(self, plan: AdapterPlan) -> None:
+        """Merge the adapter that every row has used for `merge_after_steps` steps in a row."""
+        slot = plan.single if plan.single is not None else BASE_SLOT
+        streak = self._streak[1] + 1 if slot == self._streak[0] else 1
+        self._streak = (slot, streak)
+        if slot != BASE_SLOT and streak == self.merge_after_steps and self.lean.merged_slot != slot:
+            started = time.perf_counter()
+            self.lean.merge_adapter(slot, self.adapter_slots)
+            log.info("adapter merged", slot=slot, seconds=round(time.perf_counter() - started, 3))
 
     def _sample(self, logits: torch.Tensor, samplers: list[Sequence]) -> list[int]:
         greedy: list[int] = logits.argmax(dim=-1).tolist()  # one call for every greedy row

@@ -9,10 +9,13 @@ dispatch per decode step here, more than the arithmetic. This module runs the sa
 - q/k/v and gate/up are fused into one matmul each; on CPU bf16 the weights are pre-packed;
 - attention reads keys/values straight from the KV cache: all decode rows in one SDPA over the
   cache's slot span (masked to each row's length), each prefill chunk in its own;
-- LoRA is added per token from adapter slots (see `adapter_slots`), so adapters mix freely.
+- LoRA is added per token from adapter slots (see `adapter_slots`), so adapters mix freely; when
+  every row of a step uses the same adapter and the engine has merged it (`merge_adapter`), the
+  step runs on projections with the adapter folded in (W + B·A) and pays nothing for LoRA.
 
 It reproduces transformers' Llama numerics (RMSNorm in fp32, rotate-half RoPE from the model's own
-inverse frequencies and scaling) so greedy output in fp32 matches `generate` token for token.
+inverse frequencies and scaling) so greedy output in fp32 matches `generate` token for token. (In
+bf16 the norm's weight is applied before the one rounding, not after it: one rounding fewer.)
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from serving.engine.adapter_slots import AdapterPlan, AdapterSlots, GroupShape
+from serving.engine.adapter_slots import GROUPS, AdapterPlan, AdapterSlots, GroupShape
 from serving.engine.kv_cache import KVCache
 from serving.engine.linear import FrozenLinear
 
@@ -108,12 +111,20 @@ class LeanLlama:
         self.intermediate = config.intermediate_size
         self.num_layers = config.num_hidden_layers
         self.scale = self.head_dim**-0.5
+        self.merged_slot: int | None = None  # the adapter slot folded into `merged_layers`
+        self.merged_layers: list[_Layer] = []
+        self._batch_hint = batch_hint
         with torch.no_grad():
             self.embed = model.model.embed_tokens.weight.detach()
             self.layers = []
+            # The unpacked fused weights stay with the model's own parameters (no copy): merging reads them.
+            self._sources: list[dict[str, list[torch.Tensor]]] = []
             for layer in model.model.layers:
                 attn, mlp = layer.self_attn, layer.mlp
                 qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+                members = {"qkv": qkv, "o": (attn.o_proj,), "gate_up": (mlp.gate_proj, mlp.up_proj)}
+                members["down"] = (mlp.down_proj,)
+                self._sources.append({g: [m.weight.detach() for m in ms] for g, ms in members.items()})
                 self.layers.append(
                     _Layer(
                         input_norm=layer.input_layernorm.weight.detach(),
@@ -173,6 +184,31 @@ class LeanLlama:
             device=self.device,
         )
 
+    # -- a merged adapter ------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge_adapter(self, slot: int, adapters: AdapterSlots) -> None:
+        """Fold the adapter in `slot` into a second set of projections (W + B·A, summed in fp32).
+
+        Costs one extra copy of the projections the adapter touches; untouched groups share the base's.
+        """
+        self.drop_merged()  # free the old copy before building the new one
+        merged = []
+        for i, (layer, sources) in enumerate(zip(self.layers, self._sources, strict=True)):
+            projections = {}
+            for group in GROUPS:
+                base: FrozenLinear = getattr(layer, group)
+                lora = adapters.factors(group, i, slot)  # B [out, r], A [r, in] in fp32; None: group untouched
+                if lora is None:
+                    projections[group] = base
+                    continue
+                weight = torch.cat(sources[group]).float().addmm_(*lora).to(self.dtype)
+                projections[group] = FrozenLinear(weight, base.bias, batch_hint=self._batch_hint)
+            merged.append(_Layer(input_norm=layer.input_norm, post_norm=layer.post_norm, **projections))
+        self.merged_layers, self.merged_slot = merged, slot
+
+    def drop_merged(self) -> None:
+        self.merged_layers, self.merged_slot = [], None
+
     # -- the step -------------------------------------------------------------------------------
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [T, H, D]; cos/sin: [T, 1, D]."""
@@ -181,8 +217,8 @@ class LeanLlama:
         return x * cos + swapped * sin
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # Normalise (fp32 inside), round to the model dtype, then scale: transformers' order of rounding.
-        return F.rms_norm(x, (self.hidden,), None, self.eps) * weight
+        # fp32 inside, weight included: one op fewer than normalise-then-scale (in fp32, the same result).
+        return F.rms_norm(x, (self.hidden,), weight, self.eps)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, cache: KVCache, adapters: AdapterSlots) -> torch.Tensor:
@@ -195,8 +231,11 @@ class LeanLlama:
         decode = _DecodeView.build(batch, cache, self.device) if n_dec else None
         prefill_masks = [_prefill_mask(chunk, self.device) for chunk in batch.prefills]
         plan = batch.adapters
+        layers = self.layers
+        if plan.single is not None and plan.single == self.merged_slot:
+            layers, plan = self.merged_layers, AdapterPlan()  # the adapter is in the weights
         q_dim, kv_dim = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             h = self._rms_norm(x, layer.input_norm)
             qkv = layer.qkv(h)  # [T, q + 2 kv]
             adapters.apply(plan, "qkv", i, h, qkv)

@@ -293,6 +293,31 @@ async def test_unloading_an_adapter_in_use_waits_for_its_sequences(
     assert tokens == expected
 
 
+async def test_an_adapter_every_row_uses_is_merged_into_the_weights_with_the_same_tokens(
+    tiny_model_dir: Path, tmp_path: Path, tokenizer, prompts
+) -> None:
+    source, weights = _adapter(tiny_model_dir, tmp_path, 2, tuple(sorted(SERVABLE_MODULES)))
+    peft = PeftModel.from_pretrained(_model(tiny_model_dir), source).eval()
+    expected = [_reference(peft, prompt, 20) for prompt in prompts[:2]]
+    engine = await _started(
+        BatchedEngine(_model(tiny_model_dir), tokenizer, max_loaded_adapters=1, merge_after_steps=4)
+    )
+    try:
+        await engine.load_adapter("default@2", weights)
+        requests = [
+            GenerationRequest(f"m{i}", prompt, SamplingParams(20, 0.0), adapter_key="default@2")
+            for i, prompt in enumerate(prompts[:2])
+        ]
+        results = await asyncio.gather(*(_collect(engine, r) for r in requests))
+        merged_slot = engine.lean.merged_slot
+        await engine.unload_adapter("default@2")
+        assert engine.lean.merged_slot is None  # an unloaded adapter's merged weights go with it
+    finally:
+        await engine.stop()
+    assert merged_slot is not None  # the later steps really ran on the merged weights
+    assert [tokens for tokens, _, _ in results] == expected
+
+
 @contextlib.contextmanager
 def _live_server(settings: Settings, engine_setup: Callable[[BatchedEngine], None]) -> Iterator[str]:
     """The real app behind a real uvicorn socket (the test client buffers whole responses, so it never disconnects)."""
