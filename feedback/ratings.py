@@ -246,6 +246,11 @@ class RatingWriter:
                 outcomes = await self._write(items)
             except Exception as error:  # the commit failed: nobody in this batch is acknowledged
                 outcomes = [error] * len(batch)
+            except BaseException as error:  # cancelled (shutdown): answer everyone still waiting, then stop
+                for waiting in [*batch, *self._waiting]:
+                    if not waiting.answer.done():
+                        waiting.answer.set_exception(RuntimeError("the server stopped before this rating committed"))
+                raise error
             for waiting, outcome in zip(batch, outcomes, strict=True):
                 if self._on_committed is not None and isinstance(outcome, StoredRating):
                     try:
