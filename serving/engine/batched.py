@@ -8,8 +8,9 @@ step. Adapter loads and unloads run between steps, so they never stall a stream 
 slot copy.
 
 Most traffic uses one adapter (an alias's active version). When every row of `merge_after_steps`
-steps in a row uses the same adapter, it is merged into a copy of the projections (once, between
-steps) and later such steps skip LoRA entirely; mixed steps keep the per-row path.
+steps in a row uses the same adapter, a helper thread merges it into a copy of the projections
+(hundreds of ms: streams keep running meanwhile); once it is ready, such steps skip LoRA entirely.
+Mixed steps keep the per-row path. A merge whose slot was unloaded or refilled meanwhile is dropped.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 import weakref
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +117,9 @@ class BatchedEngine:
         self.threads = threads
         self.merge_after_steps = merge_after_steps  # 0: never merge
         self._streak = (BASE_SLOT, 0)  # (the one adapter slot of recent steps, how many steps in a row)
+        self._slot_loads = [0] * (max_loaded_adapters + 1)  # per adapter slot: bumped on every load and unload
+        self._merging: tuple[int, int, Future[list[Any]]] | None = None  # (slot, its load count, the build)
+        self._merger: ThreadPoolExecutor | None = None  # started with the first merge
         self._max_loaded = max_loaded_adapters
         self._slot_of: dict[str, int] = {}
         self._free_adapter_slots = list(range(max_loaded_adapters, BASE_SLOT, -1))
@@ -147,6 +151,11 @@ class BatchedEngine:
     @property
     def waiting(self) -> int:
         return self._queued
+
+    @property
+    def merging(self) -> bool:
+        """An adapter merge is being built (tests wait on this)."""
+        return self._merging is not None and not self._merging[2].done()
 
     @property
     def running(self) -> int:
@@ -212,6 +221,7 @@ class BatchedEngine:
         self.adapter_slots.fill(slot, weights)  # raises before touching the slot when the adapter is bad
         self._free_adapter_slots.pop()
         self._slot_of[key] = slot
+        self._slot_loads[slot] += 1
         log.info("adapter loaded", adapter=key, slot=slot)
         return True
 
@@ -222,6 +232,7 @@ class BatchedEngine:
         if any(s.adapter_slot == slot for s in self.scheduler.running):
             return False  # a running sequence still reads it: unload after it finishes
         del self._slot_of[key]
+        self._slot_loads[slot] += 1
         if self.lean.merged_slot == slot:
             self.lean.drop_merged()
         self.adapter_slots.clear(slot)
@@ -307,6 +318,9 @@ class BatchedEngine:
         for seq in list(self.scheduler.running):
             self.scheduler.release(seq)
         self._flush()
+        if self._merger is not None:
+            self._merger.shutdown(wait=True, cancel_futures=True)
+            self._merger, self._merging = None, None
 
     def _step(self, plan: StepPlan) -> None:
         tokens: list[int] = []
@@ -360,14 +374,30 @@ class BatchedEngine:
                 self.scheduler.release(seq)
 
     def _maybe_merge(self, plan: AdapterPlan) -> None:
-        """Merge the adapter that every row has used for `merge_after_steps` steps in a row."""
+        """Install a finished merge; start one for the adapter every row has used for `merge_after_steps` steps."""
+        if self._merging is not None and self._merging[2].done():
+            slot, loads, build = self._merging
+            self._merging = None
+            if build.exception() is not None:
+                log.error("adapter merge failed", slot=slot, error=str(build.exception()))
+            elif self._slot_loads[slot] == loads:  # still the adapter it was built from
+                self.lean.use_merged(slot, build.result())
+                log.info("adapter merged", slot=slot)
         slot = plan.single if plan.single is not None else BASE_SLOT
         streak = self._streak[1] + 1 if slot == self._streak[0] else 1
         self._streak = (slot, streak)
-        if slot != BASE_SLOT and streak == self.merge_after_steps and self.lean.merged_slot != slot:
-            started = time.perf_counter()
-            self.lean.merge_adapter(slot, self.adapter_slots)
-            log.info("adapter merged", slot=slot, seconds=round(time.perf_counter() - started, 3))
+        if (
+            slot != BASE_SLOT
+            and self.merge_after_steps
+            and streak >= self.merge_after_steps
+            and self.lean.merged_slot != slot
+            and self._merging is None
+        ):
+            self.lean.drop_merged()  # one merged copy at a time: free the old one first
+            if self._merger is None:
+                self._merger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraloop-merge")
+            build = self._merger.submit(self.lean.build_merged, slot, self.adapter_slots)
+            self._merging = (slot, self._slot_loads[slot], build)
 
     def _sample(self, logits: torch.Tensor, samplers: list[Sequence]) -> list[int]:
         greedy: list[int] = logits.argmax(dim=-1).tolist()  # one call for every greedy row

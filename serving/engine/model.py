@@ -186,12 +186,12 @@ class LeanLlama:
 
     # -- a merged adapter ------------------------------------------------------------------------
     @torch.no_grad()
-    def merge_adapter(self, slot: int, adapters: AdapterSlots) -> None:
-        """Fold the adapter in `slot` into a second set of projections (W + B·A, summed in fp32).
+    def build_merged(self, slot: int, adapters: AdapterSlots) -> list[_Layer]:
+        """Layers whose projections have the adapter in `slot` folded in (W + B·A, summed in fp32).
 
+        Reads only the model's weights and the slot: safe on another thread while steps run.
         Costs one extra copy of the projections the adapter touches; untouched groups share the base's.
         """
-        self.drop_merged()  # free the old copy before building the new one
         merged = []
         for i, (layer, sources) in enumerate(zip(self.layers, self._sources, strict=True)):
             projections = {}
@@ -204,7 +204,15 @@ class LeanLlama:
                 weight = torch.cat(sources[group]).float().addmm_(*lora).to(self.dtype)
                 projections[group] = FrozenLinear(weight, base.bias, batch_hint=self._batch_hint)
             merged.append(_Layer(input_norm=layer.input_norm, post_norm=layer.post_norm, **projections))
-        self.merged_layers, self.merged_slot = merged, slot
+        return merged
+
+    def use_merged(self, slot: int, layers: list[_Layer]) -> None:
+        """From now on, steps whose rows all use `slot` run on `layers` (from `build_merged`)."""
+        self.merged_layers, self.merged_slot = layers, slot
+
+    def merge_adapter(self, slot: int, adapters: AdapterSlots) -> None:
+        self.drop_merged()  # free the old copy before building the new one
+        self.use_merged(slot, self.build_merged(slot, adapters))
 
     def drop_merged(self) -> None:
         self.merged_layers, self.merged_slot = [], None
