@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -356,6 +358,13 @@ async def test_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot_an
 
     def setup(engine: BatchedEngine) -> None:
         engine.eos_ids = frozenset()  # the random model must not end the long answer by itself
+        forward = engine.lean.forward
+
+        def slow_forward(*args: object) -> torch.Tensor:
+            time.sleep(0.005)  # >= 7.5 s for 1500 tokens: the hang-up is always seen before the answer ends
+            return forward(*args)  # type: ignore[arg-type]
+
+        engine.lean.forward = slow_forward  # type: ignore[method-assign]
         engines.append(engine)
 
     chat = {"model": "default", "messages": [{"role": "user", "content": "Talk for a long time."}], "temperature": 0}
@@ -378,8 +387,12 @@ async def test_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot_an
                 error = refused.json()["error"]
                 assert error["type"] == "rate_limit_error" and error["code"] == "overloaded"
                 assert set(error) == {"message", "type", "param", "code"} and error["message"]
-            # The stream's connection is closed here, long before 1500 tokens.
-            await _wait_until(lambda: engine.running == 0 and engine.cache.free_slots == 1, timeout=30)
+            # The stream's connection is closed here, long before 1500 tokens. The chat handler does not close
+            # the engine stream itself: it is cancelled when the handler's generator is collected, which a
+            # reference cycle can delay until the cyclic GC runs (so collect while waiting).
+            await _wait_until(
+                lambda: gc.collect() >= 0 and engine.running == 0 and engine.cache.free_slots == 1, timeout=30
+            )
             assert engine.cache.tokens_in_use == 0
             assert sequence.cancelled and sequence.generated < 1500
 
