@@ -106,12 +106,13 @@ def caller_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Caller:
     return caller
 
 
-def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+# Guards are async on purpose: Litestar hands a sync guard to a worker thread on every request.
+async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     if not caller_of(connection).is_admin:
         raise PermissionDeniedException("this route needs an admin key")
 
 
-def admin_paths_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+async def admin_paths_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """App-wide guard for the ADMIN_PATHS that other modules own."""
     if connection.scope.get("path") in ADMIN_PATHS:
-        admin_guard(connection, handler)
+        await admin_guard(connection, handler)

@@ -109,7 +109,13 @@ def test_chat_rate_tune_and_hot_swap(server: tuple[str, dict[str, str]], tmp_pat
     tune = subprocess.run(
         [str(LORALOOP), "tune"],
         env=env
-        | {"LORALOOP_TUNING_MAX_STEPS": "3", "LORALOOP_TUNING_BATCH_SIZE": "4", "LORALOOP_TUNING_CANARY_SHARE": "0"},
+        | {
+            "LORALOOP_TUNING_MAX_STEPS": "3",
+            "LORALOOP_TUNING_BATCH_SIZE": "4",
+            "LORALOOP_TUNING_CANARY_SHARE": "0",
+            # The gate still runs in full (KL and all 62 factual probes); shorter probe answers keep it quick.
+            "LORALOOP_TUNING_GATE_PROBE_TOKENS": "12",
+        },
         capture_output=True,
         text=True,
         timeout=600,
