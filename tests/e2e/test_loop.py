@@ -73,6 +73,8 @@ def server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
         log.close()
 
 
+# The real model's full gate (62 factual probes answered by both contenders) takes minutes on a busy 2-core CPU.
+@pytest.mark.timeout(1200)
 def test_chat_rate_tune_and_hot_swap(server: tuple[str, dict[str, str]], tmp_path: Path) -> None:
     base, env = server
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused-in-local-mode")
@@ -113,12 +115,10 @@ def test_chat_rate_tune_and_hot_swap(server: tuple[str, dict[str, str]], tmp_pat
             "LORALOOP_TUNING_MAX_STEPS": "3",
             "LORALOOP_TUNING_BATCH_SIZE": "4",
             "LORALOOP_TUNING_CANARY_SHARE": "0",
-            # The gate still runs in full (KL and all 62 factual probes); shorter probe answers keep it quick.
-            "LORALOOP_TUNING_GATE_PROBE_TOKENS": "12",
         },
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1000,
     )
     assert tune.returncode == 0, tune.stderr[-3000:]
     summary = json.loads(tune.stdout.strip().splitlines()[-1])
