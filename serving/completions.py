@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,6 +264,10 @@ class ChatService:
             yield "[DONE]"
         finally:
             with anyio.CancelScope(shield=True):
+                # Close the engine's stream now, not whenever it is garbage-collected: a client that hung up must
+                # stop its sequence and free its slot and KV memory at once.
+                if isinstance(chunks, AsyncGenerator):
+                    await chunks.aclose()
                 await lease.__aexit__(None, None, None)
                 if not recorded:  # the client left mid-stream: keep what it was shown
                     outcome.finish_reason = "cancelled"
