@@ -306,7 +306,7 @@ def draw_chart(rows: list[RoundRow], rule: str, path: Path) -> None:
     ax.set_ylim(0, 105)
     ax.set_ylabel("%")
     ax.set_title(f"loraloop adaptation: {rule}")
-    ax.legend(loc="lower right")
+    ax.legend(loc="center right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
