@@ -13,14 +13,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import torch
 from sqlalchemy import make_url
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from feedback import migrate
 from serving.base_model import prepare_bundled_model
 from serving.logs import configure_logging
 from serving.settings import Settings
+from tests.helpers import make_tiny_model
 
 POSTGRES_URL = os.environ.get("LORALOOP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MODEL_CACHE = Path(os.environ.get("LORALOOP_MODEL_CACHE_DIR", Path.home() / ".cache" / "loraloop"))
@@ -37,26 +36,7 @@ def bundled_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, bundled_model_dir: Path) -> Path:
     """A 2-layer random Llama with the bundled model's tokenizer and chat template: fast and real-shaped."""
-    directory = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return make_tiny_model(bundled_model_dir, tmp_path_factory.mktemp("tiny-model"))
 
 
 def _fresh_postgres_database() -> tuple[str, str]:

@@ -26,8 +26,8 @@ def make_random_adapter(
 
 
 def make_tiny_model(tokenizer_dir: Path, out_dir: Path) -> Path:
-    """A 2-layer random Llama with the tokenizer (and chat template) of `tokenizer_dir`, for runs outside pytest
-    (`bench/load.py`); the tests' `tiny_model_dir` fixture builds the same shape."""
+    """A 2-layer random Llama with the tokenizer (and chat template) of `tokenizer_dir`: the tests' `tiny_model_dir`
+    fixture, and runs outside pytest (`bench/load.py`)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
