@@ -31,7 +31,7 @@ from serving.engine.lora import SERVABLE_MODULES
 from serving.engine.types import EngineOverloaded, GenerationChunk, GenerationRequest, SamplingParams
 from serving.prompt import render_prompt
 from serving.settings import Settings
-from tests.helpers import make_random_adapter
+from tests.helpers import greedy_reference, make_random_adapter
 
 QUESTIONS = ["Name three colours.", "What is the capital of France? Answer in one long sentence, please.", "Hi"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -62,11 +62,6 @@ def _adapter(tiny_model_dir: Path, tmp_path: Path, number: int, targets: tuple[s
     return source, weights
 
 
-def _reference(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, len(prompt) :].tolist()
-
-
 async def _collect(engine: BatchedEngine, request: GenerationRequest) -> tuple[list[int], str, str]:
     tokens: list[int] = []
     text = ""
@@ -85,7 +80,7 @@ async def _started(engine: BatchedEngine) -> BatchedEngine:
 
 
 async def test_batched_greedy_equals_transformers_one_at_a_time(tiny_model_dir: Path, tokenizer, prompts) -> None:
-    expected = [_reference(_model(tiny_model_dir), p, 12) for p in prompts]
+    expected = [greedy_reference(_model(tiny_model_dir), p, 12) for p in prompts]
     engine = await _started(BatchedEngine(_model(tiny_model_dir), tokenizer))
     try:
         alone = [await _collect(engine, GenerationRequest(f"a{i}", p, GREEDY)) for i, p in enumerate(prompts)]
@@ -106,9 +101,9 @@ async def test_mixed_adapters_in_one_batch_equal_each_alone(
     source2, weights2 = _adapter(tiny_model_dir, tmp_path, 2, tuple(sorted(SERVABLE_MODULES)))
     prompt = prompts[0]
     expected = {
-        None: _reference(_model(tiny_model_dir), prompt, 12),
-        "default@1": _reference(PeftModel.from_pretrained(_model(tiny_model_dir), source1).eval(), prompt, 12),
-        "default@2": _reference(PeftModel.from_pretrained(_model(tiny_model_dir), source2).eval(), prompt, 12),
+        None: greedy_reference(_model(tiny_model_dir), prompt, 12),
+        "default@1": greedy_reference(PeftModel.from_pretrained(_model(tiny_model_dir), source1).eval(), prompt, 12),
+        "default@2": greedy_reference(PeftModel.from_pretrained(_model(tiny_model_dir), source2).eval(), prompt, 12),
     }
     assert len({tuple(v) for v in expected.values()}) == 3  # the adapters really change the answer
 
@@ -133,8 +128,8 @@ async def test_mixed_adapters_in_one_batch_equal_each_alone(
 
 async def test_a_sequence_joining_mid_batch_gets_the_same_tokens(tiny_model_dir: Path, tokenizer, prompts) -> None:
     long = SamplingParams(max_tokens=30, temperature=0.0)
-    expected_long = _reference(_model(tiny_model_dir), prompts[1], 30)
-    expected_late = _reference(_model(tiny_model_dir), prompts[0], 12)
+    expected_long = greedy_reference(_model(tiny_model_dir), prompts[1], 30)
+    expected_late = greedy_reference(_model(tiny_model_dir), prompts[0], 12)
     engine = await _started(BatchedEngine(_model(tiny_model_dir), tokenizer))
     try:
         stream = engine.generate(GenerationRequest("long", prompts[1], long))
@@ -157,7 +152,7 @@ async def test_a_sequence_joining_mid_batch_gets_the_same_tokens(tiny_model_dir:
 async def test_long_prompts_are_prefilled_in_chunks_with_the_same_result(
     tiny_model_dir: Path, tokenizer, prompts
 ) -> None:
-    expected = [_reference(_model(tiny_model_dir), p, 12) for p in prompts]
+    expected = [greedy_reference(_model(tiny_model_dir), p, 12) for p in prompts]
     engine = await _started(BatchedEngine(_model(tiny_model_dir), tokenizer, max_batched_tokens=16))
     chunk_sizes: list[int] = []
     step = engine._step
@@ -277,7 +272,7 @@ async def test_unloading_an_adapter_in_use_waits_for_its_sequences(
     tiny_model_dir: Path, tmp_path: Path, tokenizer, prompts
 ) -> None:
     source, weights = _adapter(tiny_model_dir, tmp_path, 1, ("q_proj", "v_proj"))
-    expected = _reference(PeftModel.from_pretrained(_model(tiny_model_dir), source).eval(), prompts[0], 20)
+    expected = greedy_reference(PeftModel.from_pretrained(_model(tiny_model_dir), source).eval(), prompts[0], 20)
     engine = await _started(BatchedEngine(_model(tiny_model_dir), tokenizer, max_loaded_adapters=1))
     try:
         await engine.load_adapter("default@1", weights)
@@ -300,7 +295,7 @@ async def test_an_adapter_every_row_uses_is_merged_into_the_weights_with_the_sam
 ) -> None:
     source, weights = _adapter(tiny_model_dir, tmp_path, 2, tuple(sorted(SERVABLE_MODULES)))
     peft = PeftModel.from_pretrained(_model(tiny_model_dir), source).eval()
-    expected = [_reference(peft, prompt, 20) for prompt in prompts[:2]]
+    expected = [greedy_reference(peft, prompt, 20) for prompt in prompts[:2]]
     engine = await _started(
         BatchedEngine(_model(tiny_model_dir), tokenizer, max_loaded_adapters=1, merge_after_steps=4)
     )

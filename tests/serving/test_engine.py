@@ -15,7 +15,7 @@ from serving.engine.lora import SERVABLE_MODULES, LoRASlots
 from serving.engine.simple import SimpleEngine
 from serving.engine.types import GenerationRequest, SamplingParams
 from serving.prompt import render_prompt
-from tests.helpers import make_random_adapter
+from tests.helpers import greedy_reference, make_random_adapter
 
 PROMPT = [{"role": "user", "content": "Name three colours."}]
 
@@ -50,14 +50,9 @@ def adapter_weights(tmp_path: Path, tiny_model_dir: Path):
     return source, weights
 
 
-def _greedy_reference(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, len(prompt) :].tolist()
-
-
 async def test_greedy_tokens_match_transformers_generate(tiny_model_dir: Path, tokenizer) -> None:
     prompt = render_prompt(tokenizer, PROMPT)
-    expected = _greedy_reference(_model(tiny_model_dir), prompt, 12)
+    expected = greedy_reference(_model(tiny_model_dir), prompt, 12)
     engine = SimpleEngine(_model(tiny_model_dir), tokenizer)
     engine.eos_ids = frozenset()  # a random model may emit EOS early; compare the full 12 tokens
     await engine.start()
@@ -90,8 +85,8 @@ def test_per_row_adapters_equal_peft_in_one_mixed_batch(tiny_model_dir: Path, ad
 async def test_each_request_answers_with_its_own_adapter(tiny_model_dir: Path, tokenizer, adapter_weights) -> None:
     source, weights = adapter_weights
     prompt = render_prompt(tokenizer, PROMPT)
-    with_adapter = _greedy_reference(PeftModel.from_pretrained(_model(tiny_model_dir), source).eval(), prompt, 8)
-    base_only = _greedy_reference(_model(tiny_model_dir), prompt, 8)
+    with_adapter = greedy_reference(PeftModel.from_pretrained(_model(tiny_model_dir), source).eval(), prompt, 8)
+    base_only = greedy_reference(_model(tiny_model_dir), prompt, 8)
     engine = SimpleEngine(_model(tiny_model_dir), tokenizer, max_loaded_adapters=2)
     engine.eos_ids = frozenset()
     await engine.start()
