@@ -210,10 +210,11 @@ def _train(
         kto = kto_dataset(orders.train_ratings, orders.train_comparisons, seed=tuning.seed)
     pairs = dpo_dataset(orders.train_ratings, orders.train_comparisons, seed=tuning.seed)
     phases: list[trainer.PhaseResult] = []
+    continued = orders.parent_dir is not None
     if kto is not None and len(kto.dataset) >= 2:
-        phases.append(trainer.train_kto(policy, tokenizer, kto, tuning, device, workdir, report))
+        phases.append(trainer.train_kto(policy, tokenizer, kto, tuning, device, workdir, report, continued=continued))
     if pairs is not None:
-        phases.append(trainer.train_dpo(policy, tokenizer, pairs, tuning, device, workdir, report))
+        phases.append(trainer.train_dpo(policy, tokenizer, pairs, tuning, device, workdir, report, continued=continued))
     return phases
 
 

@@ -94,10 +94,10 @@ def attach_adapter(base: PreTrainedModel, tuning: TuningSettings, parent_dir: Pa
     return get_peft_model(base, lora_config(tuning))
 
 
-def _common_args(tuning: TuningSettings, device: torch.device, output_dir: Path) -> dict[str, Any]:
+def _common_args(tuning: TuningSettings, device: torch.device, output_dir: Path, *, continued: bool) -> dict[str, Any]:
     return {
         "output_dir": str(output_dir),
-        "learning_rate": tuning.learning_rate,
+        "learning_rate": tuning.continued_learning_rate if continued else tuning.learning_rate,
         "num_train_epochs": tuning.epochs,
         "max_steps": tuning.max_steps,
         "per_device_train_batch_size": tuning.batch_size,
@@ -144,9 +144,12 @@ def train_kto(
     device: torch.device,
     output_dir: Path,
     report: Progress,
+    *,
+    continued: bool = False,
 ) -> PhaseResult:
+    """`continued`: the policy is a parent adapter (smaller steps, see `TuningSettings.continued_learning_rate`)."""
     args = KTOConfig(
-        **_common_args(tuning, device, output_dir / "kto"),
+        **_common_args(tuning, device, output_dir / "kto", continued=continued),
         desirable_weight=data.desirable_weight,
         undesirable_weight=data.undesirable_weight,
     )
@@ -167,8 +170,10 @@ def train_dpo(
     device: torch.device,
     output_dir: Path,
     report: Progress,
+    *,
+    continued: bool = False,
 ) -> PhaseResult:
-    args = DPOConfig(**_common_args(tuning, device, output_dir / "dpo"))
+    args = DPOConfig(**_common_args(tuning, device, output_dir / "dpo", continued=continued))
     callback = _ProgressCallback("dpo", report)
     trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer, callbacks=[callback])
     result = _run(trainer, "dpo", callback)

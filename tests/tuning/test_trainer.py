@@ -95,3 +95,32 @@ def test_continuing_a_parent_adapter_keeps_training_it(tiny_model_dir: Path, tmp
     child_weights = load_file(tmp_path / "child" / "adapter_model.safetensors")
     assert set(child_weights) == set(parent)
     assert any(not torch.equal(parent[k], child_weights[k]) for k in parent)
+
+
+def test_a_continued_round_steps_at_the_continued_learning_rate(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # learning_rate would visibly move the parent; continued_learning_rate is far too small to.
+    tuning = TuningSettings(
+        max_steps=2, batch_size=4, learning_rate=1e-3, continued_learning_rate=1e-9, precision="fp32", max_length=128
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    first = trainer.attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tuning, None)
+    trainer.train_kto(
+        first, tokenizer, kto_dataset(_ratings(8)), tuning, torch.device("cpu"), tmp_path, lambda *a: None
+    )
+    trainer.save_adapter(first, tmp_path / "parent")
+    parent = load_file(tmp_path / "parent" / "adapter_model.safetensors")
+
+    def largest_change(*, continued: bool) -> float:
+        child = trainer.attach_adapter(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir), tuning, tmp_path / "parent"
+        )
+        data = kto_dataset(_ratings(8), seed=1)
+        trainer.train_kto(
+            child, tokenizer, data, tuning, torch.device("cpu"), tmp_path, lambda *a: None, continued=continued
+        )
+        trainer.save_adapter(child, tmp_path / f"child-{continued}")
+        weights = load_file(tmp_path / f"child-{continued}" / "adapter_model.safetensors")
+        return max(float((weights[k] - parent[k]).abs().max()) for k in parent)
+
+    assert largest_change(continued=True) < 1e-6
+    assert largest_change(continued=False) > 1e-4
