@@ -53,7 +53,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     import uvicorn
 
     from serving.api.app import create_app
+    from serving.engine.cpu_threads import keep_this_thread_serial
     from tuning.settings import TuningSettings
+
+    keep_this_thread_serial()  # the engine thread gets the cores (see serving/engine/cpu_threads.py)
 
     try:
         tuning = _build(TuningSettings, args, prefix="tuning_")

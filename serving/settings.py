@@ -69,7 +69,7 @@ class Settings(BaseSettings):
         256, ge=0, description="Requests queued for a free sequence slot; beyond this the API answers 429 at once."
     )
     engine_threads: int = Field(
-        0, ge=0, le=1024, description="Threads for the engine's tensor maths; 0 keeps PyTorch's default."
+        0, ge=0, le=1024, description="Threads for the engine's tensor maths; 0: every usable core."
     )
     merge_adapter_after_steps: int = Field(
         16,

@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from serving.adapters.store import LoRAWeights
 from serving.engine.adapter_slots import AdapterPlan
+from serving.engine.cpu_threads import claim_cores, keep_this_thread_serial
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.lora import BASE_SLOT
 from serving.engine.model import LeanLlama, PrefillChunk, StepBatch
@@ -279,8 +280,7 @@ class BatchedEngine:
 
     def _worker(self) -> None:
         torch.set_grad_enabled(False)
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        claim_cores(self.threads)
         while not self._stopping:
             self._wake.clear()
             self._take_inbox()
@@ -395,7 +395,9 @@ class BatchedEngine:
         ):
             self.lean.drop_merged()  # one merged copy at a time: free the old one first
             if self._merger is None:
-                self._merger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraloop-merge")
+                self._merger = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="loraloop-merge", initializer=keep_this_thread_serial
+                )
             build = self._merger.submit(self.lean.build_merged, slot, self.adapter_slots)
             self._merging = (slot, self._slot_loads[slot], build)
 

@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from serving.adapters.store import LoRAWeights
+from serving.engine.cpu_threads import claim_cores
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.lora import BASE_SLOT, LoRASlots
 from serving.engine.sampling import make_generator, sample_token
@@ -170,6 +171,7 @@ class SimpleEngine:
 
     def _worker(self) -> None:
         torch.set_grad_enabled(False)
+        claim_cores()
         while True:
             item = self._work.get()
             if item is _STOP:
