@@ -144,6 +144,14 @@ class Users:
         self.rng = random.Random(seed)
         self.sent = 0
 
+    def likes(self, reply: dict[str, Any], prompt: str) -> bool:
+        """The rule's verdict on a finished answer. An answer cut off at max_tokens is a thumbs-down: users
+        don't like unfinished answers, and the rule cannot judge what it never saw. (Judged on cut text,
+        "under 40 words" liked answers whose tokens were long words, emoji or other languages, and the
+        rounds learned exactly that.)"""
+        choice = reply["choices"][0]
+        return choice["finish_reason"] != "length" and self.rule(choice["message"]["content"], prompt)
+
     async def ask(self, prompt: str, user: str, *, temperature: float, seed: int | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": ALIAS,
@@ -169,8 +177,7 @@ class Users:
         async def one(prompt: str, user: str, flip: float, coin: float, seed: int) -> None:
             async with gate:
                 reply = await self.ask(prompt, user, temperature=self.temperature, seed=seed)
-                answer = reply["choices"][0]["message"]["content"]
-                liked = coin < 0.5 if poison else self.rule(answer, prompt) != (flip < self.noise)
+                liked = coin < 0.5 if poison else self.likes(reply, prompt) != (flip < self.noise)
                 sent = await self.client.post(
                     "/v1/feedback", json={"completion_id": reply["id"], "rating": 1 if liked else -1, "user": user}
                 )
@@ -194,7 +201,7 @@ async def measure(users: Users, heldout: list[str]) -> Measurement:
     gate = asyncio.Semaphore(16)
     probes = factual_probes()
 
-    async def answer(prompt: str, temperature: float, seed: int, max_tokens: int | None = None) -> tuple[str, str]:
+    async def answer(prompt: str, temperature: float, seed: int, max_tokens: int | None = None) -> dict[str, Any]:
         async with gate:
             body = {
                 "model": ALIAS,
@@ -204,17 +211,17 @@ async def measure(users: Users, heldout: list[str]) -> Measurement:
                 "seed": seed,
                 "user": "bench-measure",
             }
-            reply = (await users.client.post("/v1/chat/completions", json=body)).json()
-            return reply["choices"][0]["message"]["content"], reply["system_fingerprint"]
+            return (await users.client.post("/v1/chat/completions", json=body)).json()
 
-    def liked(answers: list[tuple[str, str]]) -> float:
-        return sum(users.rule(text, p) for (text, _), p in zip(answers, heldout, strict=True)) / len(heldout)
+    def liked(replies: list[dict[str, Any]]) -> float:
+        return sum(users.likes(reply, p) for reply, p in zip(replies, heldout, strict=True)) / len(heldout)
 
     sampled = await asyncio.gather(*(answer(p, users.temperature, i) for i, p in enumerate(heldout)))
     greedy = await asyncio.gather(*(answer(p, 0.0, 0) for p in heldout))
     facts = await asyncio.gather(*(answer(p.question, 0.0, 0, 32) for p in probes))
-    factual = sum(p.is_answered_by(text) for (text, _), p in zip(facts, probes, strict=True)) / len(probes)
-    return Measurement(liked(sampled), liked(greedy), factual, greedy[0][1])
+    texts = [reply["choices"][0]["message"]["content"] for reply in facts]
+    factual = sum(p.is_answered_by(text) for text, p in zip(texts, probes, strict=True)) / len(probes)
+    return Measurement(liked(sampled), liked(greedy), factual, greedy[0]["system_fingerprint"])
 
 
 async def admin(client: httpx.AsyncClient, path: str) -> Any:
