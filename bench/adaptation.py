@@ -4,7 +4,8 @@
 
 Starts `loraloop serve` on a fresh data dir with its own scheduler on, then plays simulated users over
 HTTP: each asks an everyday prompt from the shipped train split (`bench/prompts/everyday.jsonl`),
-reads the answer and sends a thumb from the preference rule, flipped with `--noise` probability.
+reads the answer and sends a thumb from the preference rule (an answer cut off at `--max-tokens` is a
+thumbs-down), flipped with `--noise` probability.
 The server decides by itself when a round is due (`schedule_min_feedback` = `--ratings`); while a
 candidate is on canary the users keep chatting and rating, so the canary is judged on live thumbs.
 
