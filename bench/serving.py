@@ -591,7 +591,7 @@ def summarise(report: dict[str, Any]) -> str:
             continue
         theirs = {lv["clients"]: lv["tok_s"] for lv in data["levels"]}
         ratios = "".join(f"{ours[c] / theirs[c]:>11.2f}x" if theirs.get(c) else f"{'-':>12}" for c in levels)
-        lines.append(f"{'loraloop / ' + name.split(':')[0]:<24}{ratios}")
+        lines.append(f"{'loraloop / ' + name.split(': ')[-1]:<24}{ratios}")
     lo = engines["loraloop"]
     single, mixed = lo["single_adapter"]["tok_s"], lo["mixed_8_adapters"]["tok_s"]
     lines.append(f"8 mixed adapters vs 1 (32 clients): {mixed} / {single} tok/s = {mixed / single:.2f}x")
