@@ -505,18 +505,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         gguf = str(bundled_gguf_path())
         greedy = {"repeat_penalty": 1.0}
         native = [str(llama_server), "-m", gguf, "--host", "127.0.0.1", "--port", "{port}", "-t", "2", "-tb", "2",
-                  "-c", "8192", "-np", "32", "-kvu", "--no-webui"]  # fmt: skip
+                  "-c", "8192", "-np", "32", "-kvu", "--no-webui", "--no-repack"]  # fmt: skip
+        # --no-repack: on this AMX CPU the repacked weights' matmul (ggml_backend_amx_mul_mat) segfaulted at once.
         print("baseline B: native llama-server (-t 2 -np 32)", flush=True)
-        with server_process(native, "/health", work / "llama-server.log") as (url, process):
-            runs = await concurrency_levels(url, "default", levels, args.seconds, greedy)
-            report["engines"]["B: llama-server"] = {"levels": runs, "peak_rss_mib": _peak_rss_mib(process.pid)}
+        await _baseline(report, "B: llama-server", native, "/health", work / "llama-server.log", levels, args, greedy)
         pip_server = [str(python), "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
                       "--port", "{port}", "--n_threads", "1", "--n_threads_batch", "1", "--n_ctx", "2048",
                       "--verbose", "False"]  # fmt: skip
         print("baseline B: llama-cpp-python server (n_threads 1)", flush=True)
-        with server_process(pip_server, "/v1/models", work / "llama-cpp-python.log") as (url, process):
-            runs = await concurrency_levels(url, "default", levels, args.seconds, greedy)
-            report["engines"]["B: llama-cpp-python"] = {"levels": runs, "peak_rss_mib": _peak_rss_mib(process.pid)}
+        await _baseline(report, "B: llama-cpp-python", pip_server, "/v1/models", work / "llama-cpp-python.log",
+                        levels, args, greedy)  # fmt: skip
 
     print("loraloop serve", flush=True)
     env = os.environ | {
@@ -545,6 +543,26 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         report["engines"]["loraloop"] = engine
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+async def _baseline(
+    report: dict[str, Any],
+    name: str,
+    command: list[str],
+    ready_path: str,
+    log_path: Path,
+    levels: list[int],
+    args: argparse.Namespace,
+    extra: dict[str, Any],
+) -> None:
+    """One llama.cpp server's levels; a server that dies is reported as such and the benchmark goes on."""
+    try:
+        with server_process(command, ready_path, log_path) as (url, process):
+            runs = await concurrency_levels(url, "default", levels, args.seconds, extra)
+            report["engines"][name] = {"levels": runs, "peak_rss_mib": _peak_rss_mib(process.pid)}
+    except (RuntimeError, httpx.HTTPError) as exc:
+        print(f"  {name} failed: {str(exc)[-300:]}", flush=True)
+        report.setdefault("failed_baselines", {})[name] = str(exc)[-2000:]
 
 
 def _mixed(client: int) -> str:
