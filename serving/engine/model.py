@@ -14,8 +14,8 @@ dispatch per decode step here, more than the arithmetic. This module runs the sa
   step runs on projections with the adapter folded in (W + B·A) and pays nothing for LoRA.
 
 It reproduces transformers' Llama numerics (RMSNorm in fp32, rotate-half RoPE from the model's own
-inverse frequencies and scaling) so greedy output in fp32 matches `generate` token for token. (In
-bf16 the norm's weight is applied before the one rounding, not after it: one rounding fewer.)
+inverse frequencies and scaling) so greedy output in fp32 matches `generate` token for token, and
+rounds where transformers rounds in bf16.
 """
 
 from __future__ import annotations
@@ -225,8 +225,10 @@ class LeanLlama:
         return x * cos + swapped * sin
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # fp32 inside, weight included: one op fewer than normalise-then-scale (in fp32, the same result).
-        return F.rms_norm(x, (self.hidden,), weight, self.eps)
+        # Exactly transformers' LlamaRMSNorm: normalise in fp32, round to the model dtype, then scale.
+        # Scaling before the rounding (one rounding fewer) drifted enough on an AMX CPU in bf16 that the
+        # bundled model answered "What is the capital of France?" with "L'Étoile, la Marseillaise, ...".
+        return F.rms_norm(x, (self.hidden,), None, self.eps) * weight
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, cache: KVCache, adapters: AdapterSlots) -> torch.Tensor:
