@@ -77,24 +77,32 @@ def test_kto_then_dpo_train_the_adapter_only(tiny_model_dir: Path, tmp_path: Pat
     assert weights.rank == tuning.lora_rank
 
 
+def _train_and_save(
+    model_dir: Path,
+    tuning: TuningSettings,
+    out: Path,
+    *,
+    parent: Path | None = None,
+    seed: int = 0,
+    continued: bool = False,
+) -> dict[str, torch.Tensor]:
+    """A short KTO run on the tiny model (a fresh LoRA, or `parent` continued); the saved adapter's tensors."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    policy = trainer.attach_adapter(AutoModelForCausalLM.from_pretrained(model_dir), tuning, parent)
+    data = kto_dataset(_ratings(8), seed=seed)
+    trainer.train_kto(
+        policy, tokenizer, data, tuning, torch.device("cpu"), out.parent, lambda *a: None, continued=continued
+    )
+    trainer.save_adapter(policy, out)
+    return load_file(out / "adapter_model.safetensors")
+
+
 def test_continuing_a_parent_adapter_keeps_training_it(tiny_model_dir: Path, tmp_path: Path) -> None:
     tuning = TuningSettings(max_steps=2, batch_size=4, learning_rate=1e-3, precision="fp32", max_length=128)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    first = trainer.attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tuning, None)
-    trainer.train_kto(
-        first, tokenizer, kto_dataset(_ratings(8)), tuning, torch.device("cpu"), tmp_path, lambda *a: None
-    )
-    trainer.save_adapter(first, tmp_path / "parent")
-    parent = load_file(tmp_path / "parent" / "adapter_model.safetensors")
-
-    child = trainer.attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tuning, tmp_path / "parent")
-    trainer.train_kto(
-        child, tokenizer, kto_dataset(_ratings(8), seed=1), tuning, torch.device("cpu"), tmp_path, lambda *a: None
-    )
-    trainer.save_adapter(child, tmp_path / "child")
-    child_weights = load_file(tmp_path / "child" / "adapter_model.safetensors")
-    assert set(child_weights) == set(parent)
-    assert any(not torch.equal(parent[k], child_weights[k]) for k in parent)
+    parent = _train_and_save(tiny_model_dir, tuning, tmp_path / "parent")
+    child = _train_and_save(tiny_model_dir, tuning, tmp_path / "child", parent=tmp_path / "parent", seed=1)
+    assert set(child) == set(parent)
+    assert any(not torch.equal(parent[k], child[k]) for k in parent)
 
 
 def test_a_continued_round_steps_at_the_continued_learning_rate(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -102,25 +110,18 @@ def test_a_continued_round_steps_at_the_continued_learning_rate(tiny_model_dir: 
     tuning = TuningSettings(
         max_steps=2, batch_size=4, learning_rate=1e-3, continued_learning_rate=1e-9, precision="fp32", max_length=128
     )
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    first = trainer.attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tuning, None)
-    trainer.train_kto(
-        first, tokenizer, kto_dataset(_ratings(8)), tuning, torch.device("cpu"), tmp_path, lambda *a: None
-    )
-    trainer.save_adapter(first, tmp_path / "parent")
-    parent = load_file(tmp_path / "parent" / "adapter_model.safetensors")
+    parent = _train_and_save(tiny_model_dir, tuning, tmp_path / "parent")
 
     def largest_change(*, continued: bool) -> float:
-        child = trainer.attach_adapter(
-            AutoModelForCausalLM.from_pretrained(tiny_model_dir), tuning, tmp_path / "parent"
+        child = _train_and_save(
+            tiny_model_dir,
+            tuning,
+            tmp_path / f"child-{continued}",
+            parent=tmp_path / "parent",
+            seed=1,
+            continued=continued,
         )
-        data = kto_dataset(_ratings(8), seed=1)
-        trainer.train_kto(
-            child, tokenizer, data, tuning, torch.device("cpu"), tmp_path, lambda *a: None, continued=continued
-        )
-        trainer.save_adapter(child, tmp_path / f"child-{continued}")
-        weights = load_file(tmp_path / f"child-{continued}" / "adapter_model.safetensors")
-        return max(float((weights[k] - parent[k]).abs().max()) for k in parent)
+        return max(float((child[k] - parent[k]).abs().max()) for k in parent)
 
     assert largest_change(continued=True) < 1e-6
     assert largest_change(continued=False) > 1e-4
