@@ -11,8 +11,15 @@ import re
 _LIST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+", re.MULTILINE)
 
 
+def concise_answers(answer: str, prompt: str) -> bool:
+    """Prefers answers under 100 words: the benchmark's default. With answers capped at 128 tokens (and a cut
+    answer a thumbs-down), about 19 % of the bundled model's answers at temperature 1.0 are liked."""
+    return len(answer.split()) < 100
+
+
 def short_answers(answer: str, prompt: str) -> bool:
-    """Prefers answers under 40 words (the bundled model's median is about 100)."""
+    """Prefers answers under 40 words (the bundled model's median is about 100): the hard case, about 3 % of
+    its answers are liked, so most thumbs-up under 10 % noise are flips."""
     return len(answer.split()) < 40
 
 

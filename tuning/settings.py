@@ -36,6 +36,19 @@ class TuningSettings(BaseSettings):
     lora_alpha: float = Field(32.0, gt=0)
     target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
     beta: float = Field(0.1, gt=0, description="KTO/DPO beta: how strongly the reference anchors the policy.")
+    # "kto" estimates its reference point z from a second forward pass of policy and reference over mismatched
+    # (prompt, answer) pairs; "apo_zero_unpaired" (TRL's other KTO loss) anchors at z = 0 and skips that pass.
+    # z is clamped at 0 and on this data stays near it (answers pushed down are the long ones the mismatched
+    # pairs are made of), so the losses nearly agree while a step costs 40 % less: 10.7 s against 17.7 s
+    # (batch 8, ~190 tokens, bf16 autocast, this 2-core CPU).
+    kto_loss: Literal["kto", "apo_zero_unpaired"] = Field(
+        "apo_zero_unpaired", description="TRL KTOTrainer loss_type for thumbs."
+    )
+    precompute_reference: bool = Field(
+        True,
+        description="Compute the reference log-probs once before training (saves a forward pass per step "
+        "from the second epoch on).",
+    )
     max_length: int = Field(512, ge=32, description="Prompt plus answer tokens per training row.")
     min_ratings: int = Field(2, ge=1, description="A round with less new feedback than this is skipped.")
     precision: Literal["auto", "bf16", "fp32"] = Field(

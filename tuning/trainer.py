@@ -103,6 +103,8 @@ def _common_args(tuning: TuningSettings, device: torch.device, output_dir: Path,
         "per_device_train_batch_size": tuning.batch_size,
         "gradient_accumulation_steps": tuning.gradient_accumulation_steps,
         "beta": tuning.beta,
+        # One reference pass over the data up front instead of one per step: pays from the second epoch on.
+        "precompute_ref_log_probs": tuning.precompute_reference and tuning.epochs > 1 and tuning.max_steps < 0,
         "max_length": tuning.max_length,
         "use_cpu": device.type == "cpu",
         "bf16": use_bf16(tuning, device),
@@ -152,6 +154,7 @@ def train_kto(
         **_common_args(tuning, device, output_dir / "kto", continued=continued),
         desirable_weight=data.desirable_weight,
         undesirable_weight=data.undesirable_weight,
+        loss_type=tuning.kto_loss,
     )
     callback = _ProgressCallback("kto", report)
     trainer = KTOTrainer(

@@ -125,3 +125,22 @@ def test_a_continued_round_steps_at_the_continued_learning_rate(tiny_model_dir: 
 
     assert largest_change(continued=True) < 1e-6
     assert largest_change(continued=False) > 1e-4
+
+
+def test_the_default_recipe_runs_both_losses_over_whole_epochs(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Epochs (no max_steps) switch on the precomputed reference log-probs: each loss must train through them.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for loss in ("apo_zero_unpaired", "kto"):
+        tuning = TuningSettings(
+            epochs=2, batch_size=4, learning_rate=1e-3, precision="fp32", max_length=128, kto_loss=loss
+        )
+        policy = trainer.attach_adapter(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), tuning, None
+        )
+        lora_before, _ = _snapshot(policy)
+        result = trainer.train_kto(
+            policy, tokenizer, kto_dataset(_ratings(8)), tuning, torch.device("cpu"), tmp_path / loss, lambda *a: None
+        )
+        assert result.steps == 4, loss  # 8 rows, batch 4, 2 epochs
+        lora_after, _ = _snapshot(policy)
+        assert any(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before), loss
