@@ -34,6 +34,9 @@ class RatedAnswer:
     rating: int  # 1 or -1
     correction: str | None
     served_by: str
+    # False when the answer was cut at max_tokens: the model never ended its turn, so training and the
+    # gate score it without the end-of-turn token the chat template would add.
+    finished: bool = True
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ def rated_answers(session: Session, alias: str, *, unused_only: bool = True) -> 
             rating=fb.rating,
             correction=fb.correction,
             served_by=c.served_by,
+            finished=c.finish_reason != "length",
         )
         for fb, c in rows
     ]
@@ -118,11 +122,14 @@ def _assistant(text: str) -> list[dict[str, str]]:
 def kto_rows(ratings: list[RatedAnswer], comparisons: list[ComparedAnswers] = ()) -> list[dict[str, Any]]:  # type: ignore[assignment]
     """TRL's unpaired format: thumbs as labelled rows; a both-bad comparison gives two undesirable rows."""
     rows: list[dict[str, Any]] = [
-        {"prompt": r.prompt, "completion": _assistant(r.answer), "label": r.rating > 0} for r in ratings
+        {"prompt": r.prompt, "completion": _assistant(r.answer), "label": r.rating > 0, "finished": r.finished}
+        for r in ratings
     ]
     for c in comparisons:
         if c.outcome == ComparisonOutcome.BOTH_BAD:
-            rows += [{"prompt": c.prompt, "completion": _assistant(t), "label": False} for t in (c.a, c.b)]
+            rows += [
+                {"prompt": c.prompt, "completion": _assistant(t), "label": False, "finished": True} for t in (c.a, c.b)
+            ]
     return rows
 
 

@@ -186,11 +186,11 @@ def run_gate(
     reasons: list[str] = []
     figures: dict[str, Any] = {}
 
-    rows = [(r.prompt, r.answer) for r in heldout_ratings]
+    rows = [(r.prompt, r.answer, r.finished) for r in heldout_ratings]
     pairs = [p for p in heldout_pairs if p.outcome in (ComparisonOutcome.A, ComparisonOutcome.B)]
     for p in pairs:
         chosen, rejected = (p.a, p.b) if p.outcome == ComparisonOutcome.A else (p.b, p.a)
-        rows += [(p.prompt, chosen), (p.prompt, rejected)]
+        rows += [(p.prompt, chosen, True), (p.prompt, rejected, True)]
     if rows:
         with contenders.candidate() as model:
             cand = scoring.answer_logprobs(model, tokenizer, rows)

@@ -26,7 +26,20 @@ class AnswerScore:
     tokens: int
 
 
-def _answer_ids(tokenizer: PreTrainedTokenizerBase, prompt: Messages, answer: str) -> tuple[list[int], list[int]]:
+def without_turn_end(answer_ids: list[int], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """An answer's tokens without what the chat template adds after its text (`<|im_end|>` and the newline
+    after it here): from its last special token on. For answers cut at max_tokens, where the model never
+    ended its turn: scoring or training the end-of-turn there would teach "stop after long text"."""
+    special = set(tokenizer.all_special_ids)
+    for i in range(len(answer_ids) - 1, -1, -1):
+        if answer_ids[i] in special:
+            return answer_ids[:i]
+    return answer_ids
+
+
+def _answer_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: Messages, answer: str, finished: bool = True
+) -> tuple[list[int], list[int]]:
     prompt_ids = render_prompt(tokenizer, prompt)
     full = tokenizer.apply_chat_template(
         [*prompt, {"role": "assistant", "content": answer}], tokenize=True, return_dict=True
@@ -37,7 +50,8 @@ def _answer_ids(tokenizer: PreTrainedTokenizerBase, prompt: Messages, answer: st
         if a != b:
             break
         common += 1
-    return list(full[:common]), list(full[common:])
+    answer_ids = list(full[common:])
+    return list(full[:common]), answer_ids if finished else without_turn_end(answer_ids, tokenizer)
 
 
 def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -47,11 +61,15 @@ def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 @torch.inference_mode()
 def answer_logprobs(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[tuple[Messages, str]], *, batch_size: int = 8
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[tuple[Messages, str, bool]],
+    *,
+    batch_size: int = 8,
 ) -> list[AnswerScore]:
-    """log p(answer | prompt) under `model`, summed over the answer tokens, for each row."""
+    """log p(answer | prompt) under `model`, summed over the answer tokens, for each (prompt, answer, finished)."""
     device = next(model.parameters()).device
-    encoded = [_answer_ids(tokenizer, prompt, answer) for prompt, answer in rows]
+    encoded = [_answer_ids(tokenizer, prompt, answer, finished) for prompt, answer, finished in rows]
     scores: list[AnswerScore] = []
     for batch in _batches(encoded, batch_size):
         length = max(len(p) + len(a) for p, a in batch)

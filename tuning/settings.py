@@ -44,11 +44,6 @@ class TuningSettings(BaseSettings):
     kto_loss: Literal["kto", "apo_zero_unpaired"] = Field(
         "apo_zero_unpaired", description="TRL KTOTrainer loss_type for thumbs."
     )
-    precompute_reference: bool = Field(
-        True,
-        description="Compute the reference log-probs once before training (saves a forward pass per step "
-        "from the second epoch on).",
-    )
     max_length: int = Field(512, ge=32, description="Prompt plus answer tokens per training row.")
     min_ratings: int = Field(2, ge=1, description="A round with less new feedback than this is skipped.")
     precision: Literal["auto", "bf16", "fp32"] = Field(

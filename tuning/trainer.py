@@ -27,6 +27,7 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from serving.base_model import cpu_has_native_bf16
 from tuning.datasets import KTOData
+from tuning.scoring import without_turn_end
 from tuning.settings import TuningSettings
 
 log = structlog.get_logger(__name__)
@@ -103,8 +104,6 @@ def _common_args(tuning: TuningSettings, device: torch.device, output_dir: Path,
         "per_device_train_batch_size": tuning.batch_size,
         "gradient_accumulation_steps": tuning.gradient_accumulation_steps,
         "beta": tuning.beta,
-        # One reference pass over the data up front instead of one per step: pays from the second epoch on.
-        "precompute_ref_log_probs": tuning.precompute_reference and tuning.epochs > 1 and tuning.max_steps < 0,
         "max_length": tuning.max_length,
         "use_cpu": device.type == "cpu",
         "bf16": use_bf16(tuning, device),
@@ -160,9 +159,33 @@ def train_kto(
     trainer = KTOTrainer(
         model=model, args=args, train_dataset=data.dataset, processing_class=tokenizer, callbacks=[callback]
     )
+    trainer.train_dataset = _cut_answers_without_turn_end(trainer.train_dataset, tokenizer, tuning.batch_size)
     result = _run(trainer, "kto", callback)
     _drop_reference_copy(model)
     return result
+
+
+def _cut_answers_without_turn_end(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> Dataset:
+    """TRL renders every conversational completion with the template's end-of-turn; an answer cut at
+    max_tokens never had one. Done on TRL's tokenized rows, after its own preparation (so reference
+    log-probs must not be precomputed before this)."""
+    if "finished" not in dataset.column_names:
+        return dataset
+
+    def strip(row: dict[str, Any]) -> dict[str, Any]:
+        if not row["finished"]:
+            row["completion_ids"] = without_turn_end(row["completion_ids"], tokenizer)
+        return row
+
+    dataset = dataset.map(strip).remove_columns("finished")
+    if "KL_completion_ids" in dataset.column_names:  # TRL's mismatched pairs (loss "kto"): rebuild from the new ids
+
+        def rotate(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
+            rows["KL_completion_ids"] = [rows["completion_ids"][-1], *rows["completion_ids"][:-1]]
+            return rows
+
+        dataset = dataset.map(rotate, batched=True, batch_size=batch_size)
+    return dataset
 
 
 def train_dpo(

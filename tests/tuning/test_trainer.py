@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -12,7 +14,7 @@ from feedback.models import ComparisonOutcome
 from feedback.training_data import ComparedAnswers, RatedAnswer
 from serving.adapters.store import read_version, write_version
 from serving.engine.lora import SERVABLE_MODULES
-from tuning import trainer
+from tuning import scoring, trainer
 from tuning.datasets import dpo_dataset, kto_dataset
 from tuning.settings import TuningSettings
 
@@ -127,8 +129,12 @@ def test_a_continued_round_steps_at_the_continued_learning_rate(tiny_model_dir: 
     assert largest_change(continued=False) > 1e-4
 
 
-def test_the_default_recipe_runs_both_losses_over_whole_epochs(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # Epochs (no max_steps) switch on the precomputed reference log-probs: each loss must train through them.
+def _cut(ratings: list[RatedAnswer]) -> list[RatedAnswer]:
+    """Every other answer as if cut at max_tokens."""
+    return [dataclasses.replace(r, finished=bool(i % 2)) for i, r in enumerate(ratings)]
+
+
+def test_both_kto_losses_train_on_cut_and_finished_answers(tiny_model_dir: Path, tmp_path: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for loss in ("apo_zero_unpaired", "kto"):
         tuning = TuningSettings(
@@ -138,9 +144,30 @@ def test_the_default_recipe_runs_both_losses_over_whole_epochs(tiny_model_dir: P
             AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), tuning, None
         )
         lora_before, _ = _snapshot(policy)
+        data = kto_dataset(_cut(_ratings(8)))
         result = trainer.train_kto(
-            policy, tokenizer, kto_dataset(_ratings(8)), tuning, torch.device("cpu"), tmp_path / loss, lambda *a: None
+            policy, tokenizer, data, tuning, torch.device("cpu"), tmp_path / loss, lambda *a: None
         )
         assert result.steps == 4, loss  # 8 rows, batch 4, 2 epochs
         lora_after, _ = _snapshot(policy)
         assert any(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before), loss
+
+
+def test_a_cut_answer_trains_and_scores_without_the_end_of_turn(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    _, finished = scoring._answer_ids(tokenizer, PROMPT, "Paris is the capital", finished=True)
+    _, cut = scoring._answer_ids(tokenizer, PROMPT, "Paris is the capital", finished=False)
+    assert end_of_turn in finished and end_of_turn not in cut
+    assert finished[: len(cut)] == cut and tokenizer.decode(cut) == "Paris is the capital"
+
+    # What TRL hands the collator: rows tokenized with the template's end-of-turn, KL pairs rotated per batch.
+    rows = [{"prompt_ids": [1], "completion_ids": finished, "finished": flag} for flag in (True, False, True, False)]
+    for batch in range(0, 4, 2):
+        pair = rows[batch : batch + 2]
+        for row, neighbour in zip(pair, pair[-1:] + pair[:-1], strict=True):
+            row["KL_completion_ids"] = neighbour["completion_ids"]
+    prepared = trainer._cut_answers_without_turn_end(Dataset.from_list(rows), tokenizer, batch_size=2)
+    assert "finished" not in prepared.column_names
+    assert prepared["completion_ids"] == [finished, cut, finished, cut]
+    assert prepared["KL_completion_ids"] == [cut, finished, cut, finished]  # rebuilt from the cut ids
