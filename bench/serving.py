@@ -340,12 +340,10 @@ def prepare_loraloop(data_dir: Path, versions: int = 9) -> tuple[str, Path]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from feedback import adapter_registry, migrate
-    from feedback.db import make_sync_engine, session_scope
-    from feedback.models import AdapterVersion
+    from feedback import migrate
     from serving import base_model
-    from serving.adapters.store import write_version
     from serving.engine.lora import SERVABLE_MODULES
+    from tests.helpers import publish_adapter
 
     url = f"sqlite:///{data_dir / 'loraloop.db'}"
     data_dir.mkdir(parents=True)
@@ -354,7 +352,6 @@ def prepare_loraloop(data_dir: Path, versions: int = 9) -> tuple[str, Path]:
     targets = sorted(SERVABLE_MODULES)
     config = LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False)
     model = get_peft_model(base_model.load_model(model_dir, torch.device("cpu"), torch.float32), config)
-    engine = make_sync_engine(url)
     for number in range(1, versions + 1):
         torch.manual_seed(number)
         with torch.no_grad():
@@ -363,24 +360,15 @@ def prepare_loraloop(data_dir: Path, versions: int = 9) -> tuple[str, Path]:
                     param.normal_(0, 0.02)  # a real but gentle change: answers differ, text stays text
         source = data_dir / "sources" / f"v{number}"
         model.save_pretrained(source, safe_serialization=True)
-        stored = write_version(data_dir / "adapters", "default", number, source)
-        with session_scope(engine) as session:
-            version = adapter_registry.register_version(
-                session,
-                AdapterVersion(
-                    adapter_name="default",
-                    version=number,
-                    path=stored.relative_path,
-                    sha256=stored.sha256,
-                    base_model_id="SmolLM2-135M-Instruct",
-                    rank=16,
-                    alpha=32,
-                    target_modules=targets,
-                ),
-            )
-            if number == 1:
-                adapter_registry.promote(session, version.id, actor="bench")
-    engine.dispose()
+        publish_adapter(
+            url,
+            data_dir / "adapters",
+            source,
+            number=number,
+            base_model_id="SmolLM2-135M-Instruct",
+            promote=number == 1,
+            actor="bench",
+        )
     return url, data_dir / "sources" / "v1"
 
 

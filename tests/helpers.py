@@ -54,3 +54,55 @@ def greedy_reference(model: torch.nn.Module, prompt: list[int], n: int) -> list[
     """Exactly `n` greedy tokens from transformers' own `generate`: what an engine's output is held against."""
     out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return out[0, len(prompt) :].tolist()
+
+
+def publish_adapter(
+    database_url: str,
+    adapter_dir: Path,
+    source: Path,
+    *,
+    number: int,
+    base_model_id: str,
+    alias: str = "default",
+    promote: bool = True,
+    actor: str = "admin",
+    tamper: bool = False,
+) -> int:
+    """What a tuning round does at its end: write a saved adapter into the store, register it (rank, alpha
+    and targets read from its adapter_config.json) and promote it. `tamper` flips a byte of the stored
+    weights after hashing, so the registry's sha256 no longer matches. Returns the version id."""
+    import json
+
+    from feedback import adapter_registry
+    from feedback.db import make_sync_engine, session_scope
+    from feedback.models import AdapterVersion
+    from serving.adapters.store import write_version
+
+    stored = write_version(adapter_dir, alias, number, source)
+    if tamper:
+        weights = adapter_dir / stored.relative_path / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    config = json.loads((source / "adapter_config.json").read_text())
+    engine = make_sync_engine(database_url)
+    try:
+        with session_scope(engine) as session:
+            version = adapter_registry.register_version(
+                session,
+                AdapterVersion(
+                    adapter_name=alias,
+                    version=number,
+                    path=stored.relative_path,
+                    sha256=stored.sha256,
+                    base_model_id=base_model_id,
+                    rank=int(config["r"]),
+                    alpha=float(config["lora_alpha"]),
+                    target_modules=sorted(config["target_modules"]),
+                ),
+            )
+            if promote:
+                adapter_registry.promote(session, version.id, actor=actor)
+            return version.id
+    finally:
+        engine.dispose()

@@ -13,13 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from feedback import adapter_registry, migrate
-from feedback.db import make_sync_engine, session_scope
-from feedback.models import AdapterVersion
-from serving.adapters.store import write_version
+from feedback import migrate
+from feedback.db import make_sync_engine
 from tests.conftest import _drop_postgres_database, _fresh_postgres_database
 from tests.durability.server import ServerProcess
-from tests.helpers import make_random_adapter
+from tests.helpers import make_random_adapter, publish_adapter
 from tests.web.server import LORALOOP
 from tuning.lock import RoundLock
 
@@ -90,29 +88,8 @@ def _seconds_until_all_serve(servers: list[ServerProcess], label: str, since: fl
 
 
 def _publish(database_url: str, adapter_dir: Path, model_dir: Path, work: Path, number: int) -> int:
-    """What a tuning round does at its end: write the files to the shared store, register, promote."""
     source = make_random_adapter(model_dir, work / f"source-{number}", seed=number)
-    stored = write_version(adapter_dir, "default", number, source)
-    engine = make_sync_engine(database_url)
-    try:
-        with session_scope(engine) as session:
-            version = adapter_registry.register_version(
-                session,
-                AdapterVersion(
-                    adapter_name="default",
-                    version=number,
-                    path=stored.relative_path,
-                    sha256=stored.sha256,
-                    base_model_id=model_dir.name,
-                    rank=4,
-                    alpha=8,
-                    target_modules=["q_proj", "v_proj"],
-                ),
-            )
-            adapter_registry.promote(session, version.id)
-            return version.id
-    finally:
-        engine.dispose()
+    return publish_adapter(database_url, adapter_dir, source, number=number, base_model_id=model_dir.name)
 
 
 def _loraloop(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:

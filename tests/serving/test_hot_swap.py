@@ -13,9 +13,8 @@ from sqlalchemy import select
 from feedback import adapter_registry
 from feedback.db import make_sync_engine, session_scope
 from feedback.models import AdapterVersion, Completion, VersionStatus
-from serving.adapters.store import write_version
 from serving.settings import Settings
-from tests.helpers import make_random_adapter
+from tests.helpers import make_random_adapter, publish_adapter
 
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "Say something."}], "temperature": 0}
 
@@ -23,34 +22,16 @@ CHAT = {"model": "default", "messages": [{"role": "user", "content": "Say someth
 def _publish(
     settings: Settings, tiny_model_dir: Path, tmp_path: Path, number: int, *, promote: bool = True, tamper: bool = False
 ) -> int:
-    """What a tuning round does: write the files, register, promote."""
     source = make_random_adapter(tiny_model_dir, tmp_path / f"src{number}", rank=4, seed=number)
-    stored = write_version(settings.adapters_path, "default", number, source)
-    if tamper:
-        path = settings.adapters_path / stored.relative_path / "adapter_model.safetensors"
-        data = bytearray(path.read_bytes())
-        data[-1] ^= 0xFF
-        path.write_bytes(bytes(data))
-    engine = make_sync_engine(settings.database_url)
-    with session_scope(engine) as session:
-        version = adapter_registry.register_version(
-            session,
-            AdapterVersion(
-                adapter_name="default",
-                version=number,
-                path=stored.relative_path,
-                sha256=stored.sha256,
-                base_model_id="tiny",
-                rank=4,
-                alpha=8,
-                target_modules=["q_proj", "v_proj"],
-            ),
-        )
-        if promote:
-            adapter_registry.promote(session, version.id)
-        version_id = version.id
-    engine.dispose()
-    return version_id
+    return publish_adapter(
+        settings.database_url,
+        settings.adapters_path,
+        source,
+        number=number,
+        base_model_id="tiny",
+        promote=promote,
+        tamper=tamper,
+    )
 
 
 async def _wait_for_fingerprint(client: AsyncTestClient, expected: str, timeout: float = 10) -> dict:
