@@ -11,10 +11,95 @@ import re
 _LIST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+", re.MULTILINE)
 
 
+# Words too common to show that an answer is about the question.
+_COMMON = frozenset(
+    [
+        "about",
+        "after",
+        "also",
+        "because",
+        "been",
+        "before",
+        "best",
+        "both",
+        "could",
+        "does",
+        "doing",
+        "down",
+        "each",
+        "from",
+        "good",
+        "have",
+        "help",
+        "here",
+        "into",
+        "just",
+        "keep",
+        "know",
+        "like",
+        "make",
+        "more",
+        "most",
+        "much",
+        "need",
+        "only",
+        "other",
+        "over",
+        "same",
+        "should",
+        "some",
+        "such",
+        "tell",
+        "than",
+        "that",
+        "their",
+        "them",
+        "then",
+        "there",
+        "these",
+        "they",
+        "this",
+        "those",
+        "through",
+        "time",
+        "under",
+        "very",
+        "want",
+        "were",
+        "what",
+        "when",
+        "where",
+        "which",
+        "while",
+        "will",
+        "with",
+        "without",
+        "would",
+        "your",
+    ]
+)
+_WORD = re.compile(r"[a-z]{4,}")
+# What a user asking a question does not count as an answer: the assistant talking about itself instead.
+_DEFLECTION = re.compile(
+    r"\b(smollm|hugging face|as an? (ai|chatbot|language model)|i'?m an ai|i am an ai|i'?m sorry|i am sorry"
+    r"|i apologi[sz]e|i'?m (here|designed) to|i am (here|designed) to)\b",
+    re.IGNORECASE,
+)
+
+
+def _on_topic(answer: str, prompt: str) -> bool:
+    """The answer names something the question asked about (words compared on their first five letters)."""
+    asked = {w[:5] for w in _WORD.findall(prompt.lower()) if w not in _COMMON}
+    return not asked or bool(asked & {w[:5] for w in _WORD.findall(answer.lower())})
+
+
 def concise_answers(answer: str, prompt: str) -> bool:
-    """Prefers answers under 100 words: the benchmark's default. With answers capped at 128 tokens (and a cut
-    answer a thumbs-down), about 19 % of the bundled model's answers at temperature 1.0 are liked."""
-    return len(answer.split()) < 100
+    """Prefers short answers that still answer: under 100 words, naming something the question asked
+    about, and not a deflection ("I'm sorry…", "as an AI…"). The benchmark's default. With answers capped
+    at 128 tokens (and a cut answer a thumbs-down), about 16 % of the bundled model's answers at
+    temperature 1.0 are liked. (Under 100 words alone, a round learned deflections: "I'm sorry for any
+    misunderstanding, but as a SmolLM, I'm here to assist you…".)"""
+    return len(answer.split()) < 100 and _DEFLECTION.search(answer) is None and _on_topic(answer, prompt)
 
 
 def short_answers(answer: str, prompt: str) -> bool:
