@@ -12,72 +12,13 @@ _LIST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+", re.MULTILINE)
 
 
 # Words too common to show that an answer is about the question.
-_COMMON = frozenset(
-    [
-        "about",
-        "after",
-        "also",
-        "because",
-        "been",
-        "before",
-        "best",
-        "both",
-        "could",
-        "does",
-        "doing",
-        "down",
-        "each",
-        "from",
-        "good",
-        "have",
-        "help",
-        "here",
-        "into",
-        "just",
-        "keep",
-        "know",
-        "like",
-        "make",
-        "more",
-        "most",
-        "much",
-        "need",
-        "only",
-        "other",
-        "over",
-        "same",
-        "should",
-        "some",
-        "such",
-        "tell",
-        "than",
-        "that",
-        "their",
-        "them",
-        "then",
-        "there",
-        "these",
-        "they",
-        "this",
-        "those",
-        "through",
-        "time",
-        "under",
-        "very",
-        "want",
-        "were",
-        "what",
-        "when",
-        "where",
-        "which",
-        "while",
-        "will",
-        "with",
-        "without",
-        "would",
-        "your",
-    ]
-)
+_COMMON_WORDS = """
+about after also because been before best both could does doing down each from good have help here
+into just keep know like make more most much need only other over same should some such tell than
+that their them then there these they this those through time under very want were what when where
+which while will with without would your
+"""
+_COMMON = frozenset(_COMMON_WORDS.split())
 _WORD = re.compile(r"[a-z]{4,}")
 # What a user asking a question does not count as an answer: the assistant talking about itself instead.
 _DEFLECTION = re.compile(
