@@ -144,6 +144,7 @@ class Users:
         self.temperature = temperature
         self.rng = random.Random(seed)
         self.sent = 0
+        self.last_run_id = 0  # the newest tuning run a benchmark round has accounted for
 
     def likes(self, reply: dict[str, Any], prompt: str) -> bool:
         """The rule's verdict on a finished answer. An answer cut off at max_tokens is a thumbs-down: users
@@ -243,7 +244,16 @@ async def play_round(
     client = users.client
     row = RoundRow(name)
     started = time.monotonic()
-    before = await latest_run_id(client)
+    # A round may already have started on the feedback of the last canary: then it is this round, and more
+    # traffic now would only compete with its training for the CPU.
+    before = users.last_run_id
+    if poison:  # …unless this round is the poisoned one: a round on real feedback must finish first
+        latest = await latest_run_id(client)
+        while latest != before and (await admin(client, f"/runs/{latest}"))["status"] == "running":
+            await asyncio.sleep(3)
+        if latest != before:
+            print(f"(run {latest}, on the last canary's feedback, finished before the poisoned round)", flush=True)
+        before = latest
     pool = train[:]
     users.rng.shuffle(pool)
     # Traffic in waves until the scheduler notices enough new feedback and starts a round.
@@ -254,7 +264,7 @@ async def play_round(
         wave += 1
         if wave > 1:
             await asyncio.sleep(2)
-    run_id = await latest_run_id(client)
+    run_id = users.last_run_id = await latest_run_id(client)
     while (run := await admin(client, f"/runs/{run_id}"))["status"] == "running":
         await asyncio.sleep(3)
     counts, metrics = run["data_counts"], run["metrics"]
