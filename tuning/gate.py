@@ -142,11 +142,6 @@ def judge_drift(
         reasons.append(
             f"breaks factual answers: {candidate_correct}/{total} correct (incumbent {incumbent_correct}/{total})"
         )
-    elif incumbent_correct - candidate_correct > settings.gate_max_factual_lost:
-        reasons.append(
-            f"breaks factual answers: {incumbent_correct - candidate_correct} of the incumbent's "
-            f"{incumbent_correct} lost (at most {settings.gate_max_factual_lost})"
-        )
     return reasons, figures
 
 

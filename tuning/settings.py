@@ -65,12 +65,6 @@ class TuningSettings(BaseSettings):
         0.35, gt=0, description="Drift budget: mean per-token KL(incumbent ‖ candidate) on probes."
     )
     gate_min_factual_accuracy: float = Field(0.9, ge=0, le=1, description="Share of factual probes to keep answering.")
-    # The share alone let through two candidates that went from 62 to 58 of 62 and then answered "What is the
-    # capital of France?" in French and everyday questions with "I'm sorry, as a helpful AI, ..." (probe KL
-    # 0.07-0.08); candidates that kept answering well lost 0-1.
-    gate_max_factual_lost: int = Field(
-        2, ge=0, description="Factual probes the incumbent answers that the candidate may stop answering."
-    )
     gate_probe_tokens: int = Field(32, ge=4, le=256, description="Answer length generated per probe.")
     # Canary (tuning/canary.py)
     canary_share: float = Field(

@@ -57,9 +57,6 @@ def test_pairs_and_drift_judgements() -> None:
     assert "drifted" in judge_drift(5.0, 40, 40, 40, 30, SETTINGS)[0][0]
     assert "breaks factual" in judge_drift(0.1, 30, 40, 40, 10, SETTINGS)[0][0]
     assert judge_drift(0.1, 0, 0, 40, 0, SETTINGS)[0] == []  # no worse than an incumbent that knows nothing
-    # Above the accuracy floor, losing more than `gate_max_factual_lost` of the incumbent's answers still fails.
-    assert judge_drift(0.07, 60, 62, 62, 30, SETTINGS)[0] == []
-    assert "3 of the incumbent's 62 lost" in judge_drift(0.07, 59, 62, 62, 35, SETTINGS)[0][0]
 
 
 # -- real candidates on the tiny model ------------------------------------------------------------
