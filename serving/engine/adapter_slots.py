@@ -1,17 +1,26 @@
 """LoRA for the batched engine: adapters in fixed slots, applied per token in one forward pass.
 
-The lean model fuses projections that read the same input (q/k/v, gate/up), so LoRA is stored per
-fused group: A of the group's members stacked along the rank (`[slots, members * r, in]`) and B as
-the matching block diagonal (`[out, slots, members * r]`, out-major so every slot range is a view).
-Scaling is folded into B. Slot 0 is the base model and stays zero.
+The lean model fuses projections that read the same input (q/k/v, gate/up), so A is stored per fused
+group, the members' A matrices side by side (`[slots, in, members * r]`), and B per member
+(`[slots, r, out_m]`): a block-diagonal B for the whole group would be one matmul fewer but would
+read and multiply the zeros too (2/3 of q/k/v's, 1/2 of gate/up's). Scaling is folded into B.
+Slot 0 is the base model and stays zero.
 
 Per step, tokens fall in one of three cases (chosen once per step, see `plan`):
 - no token uses an adapter: nothing to do;
-- every token uses the same slot: two thin matmuls, `y += (x @ A.T) @ B.T`;
-- mixed: all slots in the batch's slot range at once, `y += ((x @ A_range.T) * mask) @ B_range.T`,
-  where the mask keeps, for each token, only the rank columns of its own slot. That is the
-  BGMV/SGMV idea (Punica, S-LoRA) as three dense calls: no per-row gather of weights, no Python
-  loop over adapters, so eight adapters cost little more than one.
+- every token uses the same slot: `y_m += (x @ A) @ B_m`;
+- mixed: the tokens are grouped by slot (SGMV, as in Punica and S-LoRA). When the groups are about
+  the same size (decode steps: one token per sequence) they are padded to one length and all slots
+  of the batch's slot range run in one batched matmul per factor, `bmm(x_grouped, A_range)`, then
+  `bmm(h_m, B_m,range)`, and the rows go back to token order with one gather. Each token multiplies
+  only its own adapter, so eight adapters cost about one adapter's arithmetic plus reading their
+  weights. When one slot has most of the tokens (a prompt being prefilled), padding would waste
+  that many rows for every other slot, so each slot's rows run as one thin pair of matmuls instead.
+
+The factors live in `compute_dtype`, which need not be the model's: these are thin matmuls whose
+speed on a CPU depends on the kernel more than on the bytes, and a CPU whose bf16 matmul is no faster
+than fp32 (AVX512-BF16 without AMX) runs them faster in fp32. So on a CPU the engine times both once
+at start-up and keeps the faster; on CUDA it is the model's dtype.
 The slot rank grows to the largest loaded adapter's rank (up to the configured maximum), so rank
 16 adapters do not pay for a rank 32 limit.
 """
@@ -19,12 +28,17 @@ The slot rank grows to the largest loaded adapter's rank (up to the configured m
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from functools import cache
 
+import structlog
 import torch
 
 from serving.adapters.store import LoRAWeights
 from serving.engine.lora import BASE_SLOT, lora_pairs
+
+log = structlog.get_logger(__name__)
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
@@ -33,6 +47,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "down": ("down_proj",),
 }
 _MODULE = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+_PAD_SLACK = 64  # padded rows a batched (bmm) step may carry beyond the step's own tokens
 
 
 @dataclass(frozen=True)
@@ -46,18 +61,64 @@ class GroupShape:
 
 
 @dataclass
+class PaddedGroups:
+    """Tokens grouped by slot for the batched path: slots [lo, hi) (the base slot 0 too: it is zeros),
+    each padded to `rows` rows."""
+
+    lo: int
+    hi: int
+    rows: int
+    gather: torch.Tensor  # [(hi - lo) * rows] token index of each padded row (0 for padding)
+    back: torch.Tensor  # [tokens] padded row of each token
+
+
+@dataclass
 class AdapterPlan:
-    """How this step applies LoRA: `single` slot for all tokens, or `mixed` with a slot range and masks."""
+    """How this step applies LoRA: one `single` slot for all tokens, or the mixed case (`padded` or `segments`)."""
 
     single: int | None = None
-    lo: int = 0
-    hi: int = 0  # slot range [lo, hi) for the mixed case
-    masks: dict[int, torch.Tensor] | None = None  # members -> [tokens, (hi - lo) * members * r]
+    padded: PaddedGroups | None = None
+    segments: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, its token indices)
     groups: frozenset[str] = frozenset()
 
     @property
+    def mixed(self) -> bool:
+        return self.padded is not None or bool(self.segments)
+
+    @property
     def active(self) -> bool:
-        return bool(self.groups) and (self.single is not None or self.masks is not None)
+        return bool(self.groups) and (self.single is not None or self.mixed)
+
+
+def lora_compute_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the LoRA matmuls run in: the model's, unless fp32 is measurably faster on this CPU."""
+    if device.type != "cpu" or model_dtype == torch.float32:
+        return model_dtype
+    return _faster_on_this_cpu(model_dtype)
+
+
+@cache
+def _faster_on_this_cpu(model_dtype: torch.dtype) -> torch.dtype:
+    # A mixed decode step's shapes: 32 tokens over 8 rank-16 slots, q/k/v's A and gate's B.
+    x = torch.randn(8, 4, 576)
+    a = torch.randn(8, 576, 48)
+    b = torch.randn(8, 16, 1536)
+
+    def seconds(dtype: torch.dtype) -> float:
+        xs, as_, bs = x.to(dtype), a.to(dtype), b.to(dtype)
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(4):
+                torch.bmm(torch.bmm(xs, as_)[:, :, :16], bs)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    seconds(model_dtype), seconds(torch.float32)  # warm both kernels up
+    own, fp32 = seconds(model_dtype), seconds(torch.float32)
+    chosen = torch.float32 if fp32 < own else model_dtype
+    log.info("lora compute dtype", chosen=str(chosen), us_model_dtype=round(own * 250e3), us_fp32=round(fp32 * 250e3))
+    return chosen
 
 
 class AdapterSlots:
@@ -75,11 +136,11 @@ class AdapterSlots:
         self.shapes = shapes
         self.num_slots = num_slots + 1  # plus the base slot
         self.max_rank = max_rank
-        self.dtype = dtype
+        self.dtype = lora_compute_dtype(dtype, device)
         self.device = device
         self.rank = 0  # current slot rank; buffers are allocated on the first load
-        self.a: dict[str, list[torch.Tensor]] = {}
-        self.b: dict[str, list[torch.Tensor]] = {}
+        self.a: dict[str, list[torch.Tensor]] = {}  # group -> per layer [slots, in, members * r]
+        self.b: dict[str, list[list[torch.Tensor]]] = {}  # group -> per layer, per member [slots, r, out_m]
         self._groups_of: dict[int, frozenset[str]] = {}  # slot -> groups its adapter touches
         self._module_shapes = {
             f"model.layers.{i}.{'self_attn' if g in ('qkv', 'o') else 'mlp'}.{name}": (shape.in_features, out)
@@ -93,23 +154,20 @@ class AdapterSlots:
         """(Re)allocate every buffer at `rank`, keeping what the loaded slots hold."""
         old_rank, old_a, old_b = self.rank, self.a, self.b
         self.a, self.b = {}, {}
+        factory = {"dtype": self.dtype, "device": self.device}
         for g, shape in self.shapes.items():
             members = len(GROUPS[g])
-            self.a[g] = []
-            self.b[g] = []
+            self.a[g], self.b[g] = [], []
             for layer in range(self.layers):
-                a = torch.zeros(self.num_slots, members * rank, shape.in_features, dtype=self.dtype, device=self.device)
-                b = torch.zeros(
-                    shape.out_features, self.num_slots, members * rank, dtype=self.dtype, device=self.device
-                )
+                a = torch.zeros(self.num_slots, shape.in_features, members * rank, **factory)
+                bs = [torch.zeros(self.num_slots, rank, out, **factory) for out in shape.outs]
                 if old_rank:
                     for m in range(members):
-                        a[:, m * rank : m * rank + old_rank] = old_a[g][layer][:, m * old_rank : (m + 1) * old_rank]
-                        b[:, :, m * rank : m * rank + old_rank] = old_b[g][layer][
-                            :, :, m * old_rank : (m + 1) * old_rank
-                        ]
+                        old_member = old_a[g][layer][:, :, m * old_rank : (m + 1) * old_rank]
+                        a[:, :, m * rank : m * rank + old_rank] = old_member
+                        bs[m][:, :old_rank] = old_b[g][layer][m]
                 self.a[g].append(a)
-                self.b[g].append(b)
+                self.b[g].append(bs)
         self.rank = rank
 
     @torch.no_grad()
@@ -130,10 +188,8 @@ class AdapterSlots:
             layer, name = int(match.group(1)), match.group(2)
             group = next(g for g, names in GROUPS.items() if name in names)
             m = GROUPS[group].index(name)
-            out_start = sum(self.shapes[group].outs[:m])
-            out_end = out_start + self.shapes[group].outs[m]
-            self.a[group][layer][slot, m * r : m * r + weights.rank] = a
-            self.b[group][layer][out_start:out_end, slot, m * r : m * r + weights.rank] = b * weights.scaling
+            self.a[group][layer][slot, :, m * r : m * r + weights.rank] = a.T
+            self.b[group][layer][m][slot, : weights.rank] = (b * weights.scaling).T
             touched.add(group)
         self._groups_of[slot] = frozenset(touched)
 
@@ -141,15 +197,19 @@ class AdapterSlots:
     def clear(self, slot: int) -> None:
         self._groups_of.pop(slot, None)
         for g in self.a:
-            for a, b in zip(self.a[g], self.b[g], strict=True):
+            for a, bs in zip(self.a[g], self.b[g], strict=True):
                 a[slot].zero_()
-                b[:, slot].zero_()
+                for b in bs:
+                    b[slot].zero_()
 
     def factors(self, group: str, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The slot's LoRA of one group and layer in fp32: (B [out, r], A [r, in]); None when not targeted."""
+        """The slot's LoRA of one group and layer in fp32: (B [out, r], A [r, in]); None when not targeted.
+
+        B comes back block-diagonal over the group's members (their outputs are concatenated)."""
         if group not in self._groups_of.get(slot, frozenset()):
             return None
-        return self.b[group][layer][:, slot].float(), self.a[group][layer][slot].float()
+        b = torch.block_diag(*(b[slot].T.float() for b in self.b[group][layer]))
+        return b, self.a[group][layer][slot].T.float()
 
     # -- per step -------------------------------------------------------------------------------
     def plan(self, token_slots: list[int]) -> AdapterPlan:
@@ -160,30 +220,58 @@ class AdapterSlots:
             return AdapterPlan()
         if len(set(token_slots)) == 1:
             return AdapterPlan(single=token_slots[0], groups=groups)
-        lo, hi = min(used), max(used) + 1
-        ids = torch.tensor(token_slots, device=self.device)
-        onehot = (ids[:, None] == torch.arange(lo, hi, device=self.device)[None, :]).to(self.dtype)  # [T, n]
-        masks = {
-            members: onehot.repeat_interleave(members * self.rank, dim=1)
-            for members in {len(GROUPS[g]) for g in groups}
-        }
-        return AdapterPlan(lo=lo, hi=hi, masks=masks, groups=groups)
+        rows_of: dict[int, list[int]] = {}  # slot -> its tokens; base tokens too (slot 0 is zeros)
+        for token, slot in enumerate(token_slots):
+            rows_of.setdefault(slot, []).append(token)
+        lo, hi = min(rows_of), max(rows_of) + 1
+        rows = max(len(tokens) for tokens in rows_of.values())
+        if (hi - lo) * rows > len(token_slots) + _PAD_SLACK:
+            segments = [
+                (slot, torch.tensor(tokens, device=self.device))
+                for slot, tokens in sorted(rows_of.items())
+                if slot != BASE_SLOT
+            ]
+            return AdapterPlan(segments=segments, groups=groups)
+        gather = [0] * ((hi - lo) * rows)  # padding rows read token 0; nothing reads their results
+        back = [0] * len(token_slots)
+        for slot, tokens in rows_of.items():
+            first = (slot - lo) * rows
+            for i, token in enumerate(tokens):
+                gather[first + i], back[token] = token, first + i
+        padded = PaddedGroups(
+            lo=lo,
+            hi=hi,
+            rows=rows,
+            gather=torch.tensor(gather, device=self.device),
+            back=torch.tensor(back, device=self.device),
+        )
+        return AdapterPlan(padded=padded, groups=groups)
 
     def apply(self, plan: AdapterPlan, group: str, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += LoRA(x) for this group and layer, in place.  x: [T, in], y: [T, out]."""
         if group not in plan.groups:
             return
-        a, b = self.a[group][layer], self.b[group][layer]
+        a, bs = self.a[group][layer], self.b[group][layer]
+        r = self.rank
         if plan.single is not None:
-            h = x @ a[plan.single].T  # [T, members * r]
-            y.addmm_(h, b[:, plan.single].T)
-            return
-        if plan.masks is None:  # plan() always sets masks when no single slot is chosen
-            return
-        members = len(GROUPS[group])
-        n = plan.hi - plan.lo
-        a_range = a[plan.lo : plan.hi].reshape(n * members * self.rank, -1)  # [n*R, in], a view
-        b_range = b[:, plan.lo : plan.hi].reshape(b.shape[0], n * members * self.rank)  # [out, n*R], a view
-        h = x @ a_range.T  # [T, n*R]
-        h.mul_(plan.masks[members])
-        y.addmm_(h, b_range.T)
+            h = x.to(self.dtype) @ a[plan.single]  # [T, members * r]
+            start = 0
+            for m, b in enumerate(bs):
+                z = h[:, m * r : (m + 1) * r] @ b[plan.single]
+                y[:, start : start + z.shape[1]].add_(z)
+                start += z.shape[1]
+        elif plan.padded is not None:
+            p = plan.padded
+            n = p.hi - p.lo
+            xs = x.index_select(0, p.gather).to(self.dtype).view(n, p.rows, -1)
+            h = torch.bmm(xs, a[p.lo : p.hi])  # [n, rows, members * r]: each row times its own slot's A
+            if len(bs) == 1:
+                z = torch.bmm(h, bs[0][p.lo : p.hi])
+            else:
+                z = torch.cat([torch.bmm(h[:, :, m * r : (m + 1) * r], b[p.lo : p.hi]) for m, b in enumerate(bs)], 2)
+            y.add_(z.view(n * p.rows, -1).index_select(0, p.back))  # back to token order
+        else:
+            for slot, tokens in plan.segments:
+                h = x.index_select(0, tokens).to(self.dtype) @ a[slot]
+                z = torch.cat([h[:, m * r : (m + 1) * r] @ b[slot] for m, b in enumerate(bs)], 1)
+                y.index_add_(0, tokens, z.to(y.dtype))

@@ -1,0 +1,105 @@
+"""Adapter slots apply each token's own LoRA, whichever path a step takes: one slot for all, slots
+grouped and padded into batched matmuls (decode steps), or one segment per slot (a prompt chunk)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serving.adapters.store import LoRAWeights
+from serving.engine.adapter_slots import GROUPS, AdapterSlots, GroupShape
+from serving.engine.lora import BASE_SLOT
+
+SHAPES = {
+    "qkv": GroupShape(16, (16, 8, 8)),
+    "o": GroupShape(16, (16,)),
+    "gate_up": GroupShape(16, (24, 24)),
+    "down": GroupShape(24, (16,)),
+}
+LAYERS = 2
+
+
+def _weights(rank: int, seed: int, modules: tuple[str, ...]) -> LoRAWeights:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(LAYERS):
+        for group, shape in SHAPES.items():
+            for name, out in zip(GROUPS[group], shape.outs, strict=True):
+                if name not in modules:
+                    continue
+                part = "self_attn" if group in ("qkv", "o") else "mlp"
+                key = f"base_model.model.model.layers.{layer}.{part}.{name}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, shape.in_features, generator=generator)
+                tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=generator)
+    return LoRAWeights(rank=rank, alpha=2.0 * rank, target_modules=modules, tensors=tensors)
+
+
+def _reference(weights: LoRAWeights | None, group: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """One token's LoRA output for one group: the members' B @ A x, concatenated (zeros where untargeted)."""
+    shape = SHAPES[group]
+    parts = []
+    for name, out in zip(GROUPS[group], shape.outs, strict=True):
+        part = "self_attn" if group in ("qkv", "o") else "mlp"
+        key = f"base_model.model.model.layers.{layer}.{part}.{name}"
+        if weights is None or f"{key}.lora_A.weight" not in weights.tensors:
+            parts.append(torch.zeros(out))
+            continue
+        a, b = weights.tensors[f"{key}.lora_A.weight"], weights.tensors[f"{key}.lora_B.weight"]
+        parts.append(weights.scaling * (b @ (a @ x)))
+    return torch.cat(parts)
+
+
+@pytest.fixture
+def slots() -> tuple[AdapterSlots, dict[int, LoRAWeights]]:
+    table = AdapterSlots(
+        layers=LAYERS, shapes=SHAPES, num_slots=4, max_rank=16, dtype=torch.float32, device=torch.device("cpu")
+    )
+    everything = tuple(name for names in GROUPS.values() for name in names)
+    loaded = {
+        1: _weights(4, 1, ("q_proj", "v_proj", "down_proj")),
+        2: _weights(8, 2, everything),  # a larger rank re-allocates the slots and keeps slot 1
+        4: _weights(2, 4, ("gate_proj", "o_proj")),
+    }
+    for slot, weights in loaded.items():
+        table.fill(slot, weights)
+    return table, loaded
+
+
+@pytest.mark.parametrize(
+    ("token_slots", "path"),
+    [
+        ([2, 2, 2], "single"),
+        ([1, 2, 0, 4, 2, 1, 0], "padded"),  # decode rows of three adapters and the base
+        ([0, 2] + [4] * 90, "segments"),  # one slot's prompt chunk dominates: padding would cost 3 x 90 rows
+    ],
+)
+def test_every_token_gets_its_own_adapters_lora(slots, token_slots: list[int], path: str) -> None:
+    table, loaded = slots
+    plan = table.plan(token_slots)
+    assert {"single": plan.single is not None, "padded": plan.padded is not None, "segments": bool(plan.segments)}[
+        path
+    ]
+    torch.manual_seed(0)
+    for layer in range(LAYERS):
+        for group, shape in SHAPES.items():
+            x = torch.randn(len(token_slots), shape.in_features)
+            base = torch.randn(len(token_slots), shape.out_features)
+            y = base.clone()
+            table.apply(plan, group, layer, x, y)
+            for token, slot in enumerate(token_slots):
+                weights = None if slot == BASE_SLOT else loaded[slot]
+                expected = base[token] + _reference(weights, group, layer, x[token])
+                torch.testing.assert_close(y[token], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_cleared_slot_adds_nothing_and_merging_factors_match(slots) -> None:
+    table, loaded = slots
+    b, a = table.factors("qkv", 1, 2)  # what merging folds into the weights: W + B @ A
+    x = torch.randn(SHAPES["qkv"].in_features)
+    torch.testing.assert_close(b @ (a @ x), _reference(loaded[2], "qkv", 1, x), rtol=1e-5, atol=1e-4)
+    table.clear(2)
+    assert table.factors("qkv", 1, 2) is None
+    plan = table.plan([1, 2])
+    y = torch.zeros(2, SHAPES["down"].out_features)
+    table.apply(plan, "down", 0, torch.ones(2, SHAPES["down"].in_features), y)
+    assert torch.count_nonzero(y[1]) == 0 and torch.count_nonzero(y[0]) > 0
