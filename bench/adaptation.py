@@ -295,7 +295,7 @@ async def play_round(
 def print_table(rows: list[RoundRow]) -> None:
     head = f"{'round':<10}{'ratings':>8}{'+/-':>9} {'outcome':<22}{'active':<22}{'held-out up':>12}{'greedy':>8}"
     head += f"{'factual':>9}"
-    head += f"{'AUC':>7}{'z':>7}{'AUC/tok':>9}{'KL':>7}{'train s':>9}{'wall s':>8}"
+    head += f"{'AUC':>7}{'z':>7}{'AUC/tok':>9}{'KL':>7}{'non-ans':>9}{'train s':>9}{'wall s':>8}"
     print(head)
     for r in rows:
         g = r.gate
@@ -304,7 +304,9 @@ def print_table(rows: list[RoundRow]) -> None:
             f"{r.heldout_uprate:>12.0%}{r.heldout_uprate_greedy:>8.0%}{r.factual:>9.0%}"
             f"{g.get('heldout_auc', float('nan')):>7.2f}"
             f"{g.get('heldout_auc_z', float('nan')):>7.2f}{g.get('heldout_auc_per_token', float('nan')):>9.2f}"
-            f"{g.get('probe_kl', float('nan')):>7.3f}{r.train_seconds:>9.0f}{r.wall_seconds:>8.0f}"
+            f"{g.get('probe_kl', float('nan')):>7.3f}"
+            f"{str(g.get('non_answers', '-')) + '/' + str(g.get('non_answers_incumbent', '-')):>9}"
+            f"{r.train_seconds:>9.0f}{r.wall_seconds:>8.0f}"
         )
 
 

@@ -14,6 +14,10 @@ moved the up-rate 3% → 100% and answered "What's the capital of?" to a factual
 3. drift — mean per-token KL(incumbent ‖ candidate) along the incumbent's answers to the probe
    prompts stays under `gate_max_kl`, and factual probes stay answered (≥ `gate_min_factual_accuracy`,
    or at least as many as the incumbent answers).
+4. still answering — of its greedy answers to the factual and the everyday probes, at most
+   `gate_max_new_non_answers` more than the incumbent's are deflections or in another language
+   (`answer_checks`). A 90 % factual floor alone let through a candidate that deflected everyday
+   questions and answered in French.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from transformers import PreTrainedTokenizerBase
 from feedback.models import ComparisonOutcome
 from feedback.training_data import ComparedAnswers, RatedAnswer
 from tuning import scoring
-from tuning.probes import FactualProbe
+from tuning.answer_checks import is_non_answer
+from tuning.probes import FactualProbe, everyday_probes
 from tuning.settings import TuningSettings
 
 log = structlog.get_logger(__name__)
@@ -145,6 +150,19 @@ def judge_drift(
     return reasons, figures
 
 
+def judge_non_answers(
+    candidate: int, incumbent: int, total: int, settings: TuningSettings
+) -> tuple[list[str], dict[str, Any]]:
+    figures: dict[str, Any] = {"non_answers": candidate, "non_answers_incumbent": incumbent, "non_answer_probes": total}
+    reasons = []
+    if candidate - incumbent > settings.gate_max_new_non_answers:
+        reasons.append(
+            f"stops answering: {candidate}/{total} probe answers deflect or change language "
+            f"(incumbent {incumbent}/{total}, at most {settings.gate_max_new_non_answers} more allowed)"
+        )
+    return reasons, figures
+
+
 class Contenders:
     """The trained policy plays both parts: adapter "default" is the candidate; the incumbent is the
     parent adapter loaded beside it, or the base model with adapters disabled."""
@@ -181,7 +199,9 @@ def run_gate(
     heldout_pairs: list[ComparedAnswers],
     probes: list[FactualProbe],
     settings: TuningSettings,
+    everyday: list[scoring.Messages] | None = None,
 ) -> GateReport:
+    """`everyday`: the requests that must go on being answered (default: the shipped everyday probes)."""
     tokenizer.padding_side = "left"
     reasons: list[str] = []
     figures: dict[str, Any] = {}
@@ -207,10 +227,16 @@ def run_gate(
         figures |= figs
 
     prompts = [probe.messages for probe in probes]
+    requests = everyday_probes() if everyday is None else everyday
     with contenders.incumbent() as model:
-        incumbent_answers = scoring.greedy_answers(model, tokenizer, prompts, max_new_tokens=settings.gate_probe_tokens)
+        incumbent_all = scoring.greedy_answers(
+            model, tokenizer, prompts + requests, max_new_tokens=settings.gate_probe_tokens
+        )
     with contenders.candidate() as model:
-        candidate_answers = scoring.greedy_answers(model, tokenizer, prompts, max_new_tokens=settings.gate_probe_tokens)
+        candidate_all = scoring.greedy_answers(
+            model, tokenizer, prompts + requests, max_new_tokens=settings.gate_probe_tokens
+        )
+    incumbent_answers, candidate_answers = incumbent_all[: len(prompts)], candidate_all[: len(prompts)]
     kl = scoring.mean_kl(
         contenders.policy, tokenizer, prompts, incumbent_answers, contenders.incumbent, contenders.candidate
     )
@@ -223,6 +249,13 @@ def run_gate(
 
     changed = sum(a != b for a, b in zip(incumbent_answers, candidate_answers, strict=True))
     more, figs = judge_drift(kl, correct(candidate_answers), correct(incumbent_answers), len(probes), changed, settings)
+    reasons += more
+    figures |= figs
+
+    def non_answers(answers: list[list[int]]) -> int:
+        return sum(is_non_answer(tokenizer.decode(a, skip_special_tokens=True)) for a in answers)
+
+    more, figs = judge_non_answers(non_answers(candidate_all), non_answers(incumbent_all), len(candidate_all), settings)
     reasons += more
     figures |= figs
     report = GateReport(passed=not reasons, reasons=reasons, figures=figures)

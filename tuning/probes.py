@@ -1,7 +1,11 @@
-"""The fixed probe set the gate checks every candidate on: short factual questions with expected answers.
+"""The fixed probe sets the gate checks every candidate on.
 
-`probes/factual.jsonl` holds only questions the bundled base model answers correctly (greedy, 32
-tokens), so a drop is the candidate's doing. Its prompts also serve as the drift probes (KL).
+`probes/factual.jsonl`: short factual questions with expected answers, only ones the bundled base
+model answers correctly (greedy, 32 tokens), so a drop is the candidate's doing. Its prompts also
+serve as the drift probes (KL).
+`probes/everyday.jsonl`: everyday requests with no one right answer (written for the gate, apart from
+the benchmark's prompts), where a candidate must go on answering rather than deflecting or switching
+language (`answer_checks`); the bundled base model's greedy answers to all 86 probes have none of either.
 """
 
 from __future__ import annotations
@@ -28,3 +32,9 @@ class FactualProbe:
 def factual_probes() -> list[FactualProbe]:
     lines = files("tuning").joinpath("probes/factual.jsonl").read_text(encoding="utf-8").splitlines()
     return [FactualProbe(row["question"], tuple(row["answers"])) for row in map(json.loads, filter(None, lines))]
+
+
+def everyday_probes() -> list[list[dict[str, str]]]:
+    """The everyday requests, as chat messages."""
+    lines = files("tuning").joinpath("probes/everyday.jsonl").read_text(encoding="utf-8").splitlines()
+    return [[{"role": "user", "content": row["question"]}] for row in map(json.loads, filter(None, lines))]

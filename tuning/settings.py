@@ -66,6 +66,12 @@ class TuningSettings(BaseSettings):
     )
     gate_min_factual_accuracy: float = Field(0.9, ge=0, le=1, description="Share of factual probes to keep answering.")
     gate_probe_tokens: int = Field(32, ge=4, le=256, description="Answer length generated per probe.")
+    gate_max_new_non_answers: int = Field(
+        3,
+        ge=0,
+        description="Probe answers the candidate may turn into non-answers (a deflection, another language) "
+        "beyond the incumbent's.",
+    )
     # Canary (tuning/canary.py)
     canary_share: float = Field(
         0.3,

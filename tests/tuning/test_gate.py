@@ -1,4 +1,4 @@
-"""The gate refuses candidates that are worse, that drifted, or that win by length alone."""
+"""The gate refuses candidates that are worse, that drifted, that win by length alone, or that stop answering."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from feedback.training_data import RatedAnswer
+from serving.prompt import render_prompt
 from tuning import trainer
 from tuning.datasets import kto_dataset
-from tuning.gate import Contenders, judge_drift, judge_pairs, judge_thumbs, run_gate
-from tuning.probes import FactualProbe, factual_probes
+from tuning.gate import Contenders, judge_drift, judge_non_answers, judge_pairs, judge_thumbs, run_gate
+from tuning.probes import FactualProbe, everyday_probes, factual_probes
 from tuning.settings import TuningSettings
 
 SETTINGS = TuningSettings(gate_min_heldout=8)
@@ -57,6 +58,8 @@ def test_pairs_and_drift_judgements() -> None:
     assert "drifted" in judge_drift(5.0, 40, 40, 40, 30, SETTINGS)[0][0]
     assert "breaks factual" in judge_drift(0.1, 30, 40, 40, 10, SETTINGS)[0][0]
     assert judge_drift(0.1, 0, 0, 40, 0, SETTINGS)[0] == []  # no worse than an incumbent that knows nothing
+    assert judge_non_answers(5, 2, 86, SETTINGS)[0] == []  # three more non-answers: within the allowance
+    assert "stops answering" in judge_non_answers(6, 2, 86, SETTINGS)[0][0]
 
 
 # -- real candidates on the tiny model ------------------------------------------------------------
@@ -136,3 +139,33 @@ def test_a_drifted_candidate_fails_the_kl_budget(tiny_model_dir: Path, tmp_path:
                 param.zero_()  # the same adapter with no effect: no drift at all
     report = run_gate(Contenders(policy, None), tokenizer, [], [], probes, tuning)
     assert report.passed and report.figures["probe_kl"] < 1e-6
+
+
+def test_a_candidate_that_learned_to_deflect_is_refused(tiny_model_dir: Path, probes) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tuning = TuningSettings(gate_probe_tokens=6, gate_max_kl=100.0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():  # the random model's logits are nearly flat; sharpen them so a LoRA can steer the text
+        base.model.norm.weight.mul_(30)
+    policy = trainer.attach_adapter(base, tuning, None)
+    # Teach the LoRA to open every answer with an apology (plain next-token loss on the probe prompts).
+    everyday = everyday_probes()[:6]
+    apology = tokenizer("I'm sorry, I can't help with that.", add_special_tokens=False)["input_ids"]
+    rows = [render_prompt(tokenizer, messages) for messages in [p.messages for p in probes] + everyday]
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    policy.train()
+    for _ in range(20):
+        for prompt in rows:
+            ids = torch.tensor([prompt + apology])
+            labels = ids.clone()
+            labels[0, : len(prompt)] = -100
+            policy(input_ids=ids, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    report = run_gate(Contenders(policy, None), tokenizer, [], [], probes, tuning, everyday=everyday)
+    assert report.figures["non_answers"] == 12 and report.figures["non_answers_incumbent"] == 0
+    assert any("stops answering" in r for r in report.reasons)
+    allowing = TuningSettings(gate_probe_tokens=6, gate_max_kl=100.0, gate_max_new_non_answers=12)
+    report = run_gate(Contenders(policy, None), tokenizer, [], [], probes, allowing, everyday=everyday)
+    assert not any("stops answering" in r for r in report.reasons)
