@@ -43,6 +43,13 @@ def concise_answers(answer: str, prompt: str) -> bool:
     return len(answer.split()) < 100 and _DEFLECTION.search(answer) is None and _on_topic(answer, prompt)
 
 
+def under_100_words(answer: str, prompt: str) -> bool:
+    """Prefers answers under 100 words, and nothing else: the rule a round won by deflecting ("I'm sorry for
+    any misunderstanding, but as a SmolLM, I'm here to assist you…"), kept to show that the gate's
+    non-answer check refuses such a candidate."""
+    return len(answer.split()) < 100
+
+
 def short_answers(answer: str, prompt: str) -> bool:
     """Prefers answers under 40 words (the bundled model's median is about 100): the hard case, about 3 % of
     its answers are liked, so most thumbs-up under 10 % noise are flips."""
