@@ -106,7 +106,9 @@ async def _stream(http: httpx.AsyncClient, payload: dict[str, Any], deadline: fl
             if response.status_code != 200:
                 request.failed = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return request
+            done = False
             async for line in response.aiter_lines():
+                done = done or line == "data: [DONE]"
                 if not line.startswith("data: {"):
                     continue
                 event = json.loads(line[6:])
@@ -120,6 +122,8 @@ async def _stream(http: httpx.AsyncClient, payload: dict[str, Any], deadline: fl
                     request.chunk_times.append(now)
             else:
                 request.tokens = request.tokens or len(request.chunk_times)
+                if not done:  # the server ended the stream early (a failed step): not a finished answer
+                    request.failed = "stream ended without [DONE]"
                 return request
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         request.failed = f"{type(exc).__name__}: {exc}"
@@ -442,7 +446,9 @@ async def concurrency_levels(
 
 
 async def hot_swap(url: str, db_url: str, seconds: float) -> dict[str, Any]:
-    """32 clients on `default`; v9 is promoted in the registry half-way; compare latency around the flip."""
+    """32 clients on `default` for 2 x `seconds`; v9 is promoted in the registry a quarter of the way in, so
+    that clients start requests on the new version before the end even where a request takes `seconds`
+    (32 clients on a slow CPU); compare latency around the flip."""
     swap: dict[str, float] = {}
 
     async def promote_midway(start: float) -> None:
@@ -451,7 +457,7 @@ async def hot_swap(url: str, db_url: str, seconds: float) -> dict[str, Any]:
         await asyncio.to_thread(promote, db_url, 9)
 
     await settle(url, "default")
-    level, requests = await run_level(url, 32, seconds, lambda i, n: chat("default", i, n), promote_midway)
+    level, requests = await run_level(url, 32, 2 * seconds, lambda i, n: chat("default", i, n), promote_midway)
     promoted = swap["promoted"]
     switched = min((r.started for r in requests if r.fingerprint == "default@9"), default=float("nan"))
     window = (promoted, (switched if switched == switched else promoted) + 2.0)

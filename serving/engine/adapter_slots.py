@@ -9,13 +9,14 @@ Slot 0 is the base model and stays zero.
 Per step, tokens fall in one of three cases (chosen once per step, see `plan`):
 - no token uses an adapter: nothing to do;
 - every token uses the same slot: `y_m += (x @ A) @ B_m`;
-- mixed: the tokens are grouped by slot (SGMV, as in Punica and S-LoRA). When the groups are about
-  the same size (decode steps: one token per sequence) they are padded to one length and all slots
-  of the batch's slot range run in one batched matmul per factor, `bmm(x_grouped, A_range)`, then
-  `bmm(h_m, B_m,range)`, and the rows go back to token order with one gather. Each token multiplies
-  only its own adapter, so eight adapters cost about one adapter's arithmetic plus reading their
-  weights. When one slot has most of the tokens (a prompt being prefilled), padding would waste
-  that many rows for every other slot, so each slot's rows run as one thin pair of matmuls instead.
+- mixed: the tokens are grouped by slot (SGMV, as in Punica and S-LoRA). A prompt chunk is a run of
+  tokens of one slot, so it takes one thin pair of matmuls on its slice of rows. The decode rows (one
+  token per sequence) are grouped by slot and padded to one length, and all slots of their slot range
+  run in one batched matmul per factor, `bmm(x_grouped, A_range)`, then `bmm(h_m, B_m,range)`, and
+  the rows go back to token order with one gather. Each token multiplies only its own adapter, so
+  eight adapters cost about one adapter's arithmetic plus reading their weights. (When one slot has
+  nearly all decode rows, padding every other slot to its count would waste more than it saves;
+  those steps run each slot's rows as a segment instead.)
 
 The factors live in `compute_dtype`, which need not be the model's: these are thin matmuls whose
 speed on a CPU depends on the kernel more than on the bytes, and a CPU whose bf16 matmul is no faster
@@ -62,23 +63,25 @@ class GroupShape:
 
 @dataclass
 class PaddedGroups:
-    """Tokens grouped by slot for the batched path: slots [lo, hi) (the base slot 0 too: it is zeros),
-    each padded to `rows` rows."""
+    """Decode rows [0, tokens) grouped by slot for the batched path: slots [lo, hi) (the base slot 0
+    too: it is zeros), each padded to `rows` rows."""
 
     lo: int
     hi: int
     rows: int
+    tokens: int  # the decode rows this covers: tokens [0, tokens)
     gather: torch.Tensor  # [(hi - lo) * rows] token index of each padded row (0 for padding)
     back: torch.Tensor  # [tokens] padded row of each token
 
 
 @dataclass
 class AdapterPlan:
-    """How this step applies LoRA: one `single` slot for all tokens, or the mixed case (`padded` or `segments`)."""
+    """How this step applies LoRA: one `single` slot for all tokens, or the mixed case: decode rows
+    `padded`, and `segments` of one slot each (a slice of rows, or a set of rows by index)."""
 
     single: int | None = None
     padded: PaddedGroups | None = None
-    segments: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, its token indices)
+    segments: list[tuple[int, slice | torch.Tensor]] = field(default_factory=list)
     groups: frozenset[str] = frozenset()
 
     @property
@@ -212,40 +215,51 @@ class AdapterSlots:
         return b, self.a[group][layer][slot].T.float()
 
     # -- per step -------------------------------------------------------------------------------
-    def plan(self, token_slots: list[int]) -> AdapterPlan:
-        """Decide once per step how LoRA is applied to these tokens (one slot id per token)."""
+    def plan(self, token_slots: list[int], decode_rows: int | None = None) -> AdapterPlan:
+        """Decide once per step how LoRA is applied to these tokens (one slot id per token).
+
+        The first `decode_rows` tokens (default: all) are decode rows, one per sequence; the rest are
+        prompt chunks, each a run of one sequence's tokens."""
         used = {s for s in token_slots if s != BASE_SLOT}
         groups = frozenset().union(*(self._groups_of.get(s, frozenset()) for s in used)) if used else frozenset()
         if not groups:
             return AdapterPlan()
         if len(set(token_slots)) == 1:
             return AdapterPlan(single=token_slots[0], groups=groups)
-        rows_of: dict[int, list[int]] = {}  # slot -> its tokens; base tokens too (slot 0 is zeros)
-        for token, slot in enumerate(token_slots):
+        n_dec = len(token_slots) if decode_rows is None else decode_rows
+        plan = AdapterPlan(groups=groups, segments=_runs(token_slots, n_dec))
+        decode = token_slots[:n_dec]
+        if len(set(decode)) <= 1:  # no decode rows, or all of one slot (or the base): a run like a prompt chunk
+            if decode and decode[0] != BASE_SLOT:
+                plan.segments.append((decode[0], slice(0, n_dec)))
+            return plan
+        rows_of: dict[int, list[int]] = {}  # slot -> its rows; base rows too (slot 0 is zeros)
+        for token, slot in enumerate(decode):
             rows_of.setdefault(slot, []).append(token)
         lo, hi = min(rows_of), max(rows_of) + 1
         rows = max(len(tokens) for tokens in rows_of.values())
-        if (hi - lo) * rows > len(token_slots) + _PAD_SLACK:
-            segments = [
+        if (hi - lo) * rows > n_dec + _PAD_SLACK:
+            plan.segments += [
                 (slot, torch.tensor(tokens, device=self.device))
                 for slot, tokens in sorted(rows_of.items())
                 if slot != BASE_SLOT
             ]
-            return AdapterPlan(segments=segments, groups=groups)
+            return plan
         gather = [0] * ((hi - lo) * rows)  # padding rows read token 0; nothing reads their results
-        back = [0] * len(token_slots)
+        back = [0] * n_dec
         for slot, tokens in rows_of.items():
             first = (slot - lo) * rows
             for i, token in enumerate(tokens):
                 gather[first + i], back[token] = token, first + i
-        padded = PaddedGroups(
+        plan.padded = PaddedGroups(
             lo=lo,
             hi=hi,
             rows=rows,
+            tokens=n_dec,
             gather=torch.tensor(gather, device=self.device),
             back=torch.tensor(back, device=self.device),
         )
-        return AdapterPlan(padded=padded, groups=groups)
+        return plan
 
     def apply(self, plan: AdapterPlan, group: str, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += LoRA(x) for this group and layer, in place.  x: [T, in], y: [T, out]."""
@@ -254,24 +268,48 @@ class AdapterSlots:
         a, bs = self.a[group][layer], self.b[group][layer]
         r = self.rank
         if plan.single is not None:
-            h = x.to(self.dtype) @ a[plan.single]  # [T, members * r]
-            start = 0
-            for m, b in enumerate(bs):
-                z = h[:, m * r : (m + 1) * r] @ b[plan.single]
-                y[:, start : start + z.shape[1]].add_(z)
-                start += z.shape[1]
-        elif plan.padded is not None:
+            self._add_one_slot(plan.single, a, bs, x, y)
+            return
+        if plan.padded is not None:
             p = plan.padded
             n = p.hi - p.lo
-            xs = x.index_select(0, p.gather).to(self.dtype).view(n, p.rows, -1)
+            xs = x[: p.tokens].index_select(0, p.gather).to(self.dtype).view(n, p.rows, -1)
             h = torch.bmm(xs, a[p.lo : p.hi])  # [n, rows, members * r]: each row times its own slot's A
             if len(bs) == 1:
                 z = torch.bmm(h, bs[0][p.lo : p.hi])
             else:
                 z = torch.cat([torch.bmm(h[:, :, m * r : (m + 1) * r], b[p.lo : p.hi]) for m, b in enumerate(bs)], 2)
-            y.add_(z.view(n * p.rows, -1).index_select(0, p.back))  # back to token order
-        else:
-            for slot, tokens in plan.segments:
-                h = x.index_select(0, tokens).to(self.dtype) @ a[slot]
+            y[: p.tokens].add_(z.view(n * p.rows, -1).index_select(0, p.back))  # back to token order
+        for slot, rows in plan.segments:
+            if isinstance(rows, slice):
+                self._add_one_slot(slot, a, bs, x[rows], y[rows])
+            else:
+                h = x.index_select(0, rows).to(self.dtype) @ a[slot]
                 z = torch.cat([h[:, m * r : (m + 1) * r] @ b[slot] for m, b in enumerate(bs)], 1)
-                y.index_add_(0, tokens, z.to(y.dtype))
+                y.index_add_(0, rows, z.to(y.dtype))
+
+    def _add_one_slot(
+        self, slot: int, a: torch.Tensor, bs: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> None:
+        """y += LoRA_slot(x) for rows that all use `slot` (y may be a slice of the step's rows)."""
+        r = self.rank
+        h = x.to(self.dtype) @ a[slot]  # [rows, members * r]
+        start = 0
+        for m, b in enumerate(bs):
+            z = h[:, m * r : (m + 1) * r] @ b[slot]
+            y[:, start : start + z.shape[1]].add_(z)
+            start += z.shape[1]
+
+
+def _runs(token_slots: list[int], start: int) -> list[tuple[int, slice | torch.Tensor]]:
+    """Runs of one adapter slot among tokens[start:] (prompt chunks): (slot, slice of rows); base runs skipped."""
+    runs: list[tuple[int, slice | torch.Tensor]] = []
+    i = start
+    while i < len(token_slots):
+        j = i
+        while j < len(token_slots) and token_slots[j] == token_slots[i]:
+            j += 1
+        if token_slots[i] != BASE_SLOT:
+            runs.append((token_slots[i], slice(i, j)))
+        i = j
+    return runs

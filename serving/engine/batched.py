@@ -344,7 +344,7 @@ class BatchedEngine:
                 logits_rows.append(len(tokens) - 1)
                 samplers.append(seq)
         device = self.device
-        adapters = self.adapter_slots.plan(token_slots)
+        adapters = self.adapter_slots.plan(token_slots, decode_rows=len(plan.decode))
         self._maybe_merge(adapters)
         batch = StepBatch(
             token_ids=torch.tensor(tokens, dtype=torch.long, device=device),

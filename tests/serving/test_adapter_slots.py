@@ -1,5 +1,5 @@
-"""Adapter slots apply each token's own LoRA, whichever path a step takes: one slot for all, slots
-grouped and padded into batched matmuls (decode steps), or one segment per slot (a prompt chunk)."""
+"""Adapter slots apply each token's own LoRA, whichever path a step takes: one slot for all, decode rows
+grouped and padded into batched matmuls, a slice of rows per prompt chunk, or rows by index per slot."""
 
 from __future__ import annotations
 
@@ -66,19 +66,28 @@ def slots() -> tuple[AdapterSlots, dict[int, LoRAWeights]]:
 
 
 @pytest.mark.parametrize(
-    ("token_slots", "path"),
+    ("token_slots", "decode_rows", "paths"),
     [
-        ([2, 2, 2], "single"),
-        ([1, 2, 0, 4, 2, 1, 0], "padded"),  # decode rows of three adapters and the base
-        ([0, 2] + [4] * 90, "segments"),  # one slot's prompt chunk dominates: padding would cost 3 x 90 rows
+        ([2, 2, 2], None, {"single"}),
+        ([1, 2, 0, 4, 2, 1, 0], None, {"padded"}),  # decode rows of three adapters and the base
+        ([1, 2, 0, 4] + [2] * 20 + [0] * 5 + [1] * 7, 4, {"padded", "slices"}),  # and three prompt chunks
+        ([2, 2, 2] + [1] * 10, 3, {"slices"}),  # decode rows of one adapter, a chunk of another
+        ([1] * 5 + [0] * 3 + [2] * 6, 0, {"slices"}),  # prompt chunks only
+        ([0, 2] + [4] * 90, None, {"indexed"}),  # nearly all decode rows on one slot: padding would cost 3 x 90
     ],
 )
-def test_every_token_gets_its_own_adapters_lora(slots, token_slots: list[int], path: str) -> None:
+def test_every_token_gets_its_own_adapters_lora(
+    slots, token_slots: list[int], decode_rows: int | None, paths: set[str]
+) -> None:
     table, loaded = slots
-    plan = table.plan(token_slots)
-    assert {"single": plan.single is not None, "padded": plan.padded is not None, "segments": bool(plan.segments)}[
-        path
-    ]
+    plan = table.plan(token_slots, decode_rows)
+    taken = {
+        "single": plan.single is not None,
+        "padded": plan.padded is not None,
+        "slices": any(isinstance(rows, slice) for _, rows in plan.segments),
+        "indexed": any(isinstance(rows, torch.Tensor) for _, rows in plan.segments),
+    }
+    assert {path for path, used in taken.items() if used} == paths
     torch.manual_seed(0)
     for layer in range(LAYERS):
         for group, shape in SHAPES.items():

@@ -110,7 +110,7 @@ async def test_mixed_adapters_in_one_batch_equal_each_alone(
     engine = BatchedEngine(_model(tiny_model_dir), tokenizer, max_loaded_adapters=2)
     plans: list[AdapterPlan] = []
     planner = engine.adapter_slots.plan
-    engine.adapter_slots.plan = lambda slots: plans.append(planner(slots)) or plans[-1]  # type: ignore[method-assign]
+    engine.adapter_slots.plan = lambda *a, **k: plans.append(planner(*a, **k)) or plans[-1]  # type: ignore[method-assign]
     await _started(engine)
     try:
         await engine.load_adapter("default@1", weights1)
