@@ -114,6 +114,10 @@ def test_chat_rate_tune_and_hot_swap(server: tuple[str, dict[str, str]], tmp_pat
         | {
             "LORALOOP_TUNING_MAX_STEPS": "3",
             "LORALOOP_TUNING_BATCH_SIZE": "4",
+            # Small steps: this test is about the loop's plumbing. Three steps at the default 1.5e-4 on six
+            # ratings answered "What is the capital of France?" with "L'Étoile, la Marseillaise, la femme…"
+            # and the gate rightly refused that candidate (4 of 86 probe answers became non-answers).
+            "LORALOOP_TUNING_LEARNING_RATE": "2e-5",
             "LORALOOP_TUNING_CANARY_SHARE": "0",
         },
         capture_output=True,
@@ -122,7 +126,7 @@ def test_chat_rate_tune_and_hot_swap(server: tuple[str, dict[str, str]], tmp_pat
     )
     assert tune.returncode == 0, tune.stderr[-3000:]
     summary = json.loads(tune.stdout.strip().splitlines()[-1])
-    assert summary["status"] == "promoted" and summary["version"] == "default@1"
+    assert summary["status"] == "promoted" and summary["version"] == "default@1", summary
 
     models = [m.id for m in client.models.list().data]
     assert "default@1" in models
