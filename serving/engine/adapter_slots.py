@@ -268,7 +268,7 @@ class AdapterSlots:
         a, bs = self.a[group][layer], self.b[group][layer]
         r = self.rank
         if plan.single is not None:
-            self._add_one_slot(plan.single, a, bs, x, y)
+            y.add_(self._one_slot(plan.single, a, bs, x))
             return
         if plan.padded is not None:
             p = plan.padded
@@ -282,23 +282,17 @@ class AdapterSlots:
             y[: p.tokens].add_(z.view(n * p.rows, -1).index_select(0, p.back))  # back to token order
         for slot, rows in plan.segments:
             if isinstance(rows, slice):
-                self._add_one_slot(slot, a, bs, x[rows], y[rows])
+                y[rows].add_(self._one_slot(slot, a, bs, x[rows]))
             else:
-                h = x.index_select(0, rows).to(self.dtype) @ a[slot]
-                z = torch.cat([h[:, m * r : (m + 1) * r] @ b[slot] for m, b in enumerate(bs)], 1)
-                y.index_add_(0, rows, z.to(y.dtype))
+                y.index_add_(0, rows, self._one_slot(slot, a, bs, x.index_select(0, rows)).to(y.dtype))
 
-    def _add_one_slot(
-        self, slot: int, a: torch.Tensor, bs: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor
-    ) -> None:
-        """y += LoRA_slot(x) for rows that all use `slot` (y may be a slice of the step's rows)."""
+    def _one_slot(self, slot: int, a: torch.Tensor, bs: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """LoRA_slot(x) for rows that all use `slot`: [rows, out], in the compute dtype."""
         r = self.rank
         h = x.to(self.dtype) @ a[slot]  # [rows, members * r]
-        start = 0
-        for m, b in enumerate(bs):
-            z = h[:, m * r : (m + 1) * r] @ b[slot]
-            y[:, start : start + z.shape[1]].add_(z)
-            start += z.shape[1]
+        if len(bs) == 1:
+            return h @ bs[0][slot]
+        return torch.cat([h[:, m * r : (m + 1) * r] @ b[slot] for m, b in enumerate(bs)], 1)
 
 
 def _runs(token_slots: list[int], start: int) -> list[tuple[int, slice | torch.Tensor]]:
