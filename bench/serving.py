@@ -106,9 +106,9 @@ async def _stream(http: httpx.AsyncClient, payload: dict[str, Any], deadline: fl
             if response.status_code != 200:
                 request.failed = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return request
-            done = False
+            finished = False
             async for line in response.aiter_lines():
-                done = done or line == "data: [DONE]"
+                finished = finished or line == "data: [DONE]"
                 if not line.startswith("data: {"):
                     continue
                 event = json.loads(line[6:])
@@ -122,7 +122,7 @@ async def _stream(http: httpx.AsyncClient, payload: dict[str, Any], deadline: fl
                     request.chunk_times.append(now)
             else:
                 request.tokens = request.tokens or len(request.chunk_times)
-                if not done:  # the server ended the stream early (a failed step): not a finished answer
+                if not finished:  # the server ended the stream early (a failed step): not a finished answer
                     request.failed = "stream ended without [DONE]"
                 return request
     except (httpx.HTTPError, json.JSONDecodeError) as exc:

@@ -14,6 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from importlib.resources import files
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,16 @@ class FactualProbe:
         return any(re.search(rf"(?<![\w.]){re.escape(a)}(?!\w|\.[1-9])", text, re.IGNORECASE) for a in self.answers)
 
 
+def _rows(name: str) -> list[dict[str, Any]]:
+    """The rows of one shipped probe file, `probes/<name>.jsonl`."""
+    lines = files("tuning").joinpath(f"probes/{name}.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line]
+
+
 def factual_probes() -> list[FactualProbe]:
-    lines = files("tuning").joinpath("probes/factual.jsonl").read_text(encoding="utf-8").splitlines()
-    return [FactualProbe(row["question"], tuple(row["answers"])) for row in map(json.loads, filter(None, lines))]
+    return [FactualProbe(row["question"], tuple(row["answers"])) for row in _rows("factual")]
 
 
 def everyday_probes() -> list[list[dict[str, str]]]:
     """The everyday requests, as chat messages."""
-    lines = files("tuning").joinpath("probes/everyday.jsonl").read_text(encoding="utf-8").splitlines()
-    return [[{"role": "user", "content": row["question"]}] for row in map(json.loads, filter(None, lines))]
+    return [[{"role": "user", "content": row["question"]}] for row in _rows("everyday")]

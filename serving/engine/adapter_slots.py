@@ -48,7 +48,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "down": ("down_proj",),
 }
 _MODULE = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
-_PAD_SLACK = 64  # padded rows a batched (bmm) step may carry beyond the step's own tokens
+_PAD_SLACK = 64  # padding rows the batched (bmm) path may add to a step's decode rows before segments pay more
 
 
 @dataclass(frozen=True)
