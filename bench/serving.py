@@ -423,6 +423,15 @@ def machine_ceilings() -> dict[str, float]:
     return out
 
 
+def serving_dtype() -> str:
+    """The dtype `loraloop serve` picks on this machine with the default `dtype: auto` (the same rule)."""
+    import torch
+
+    from serving.base_model import resolve_dtype
+
+    return str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+
+
 def model_params() -> int:
     from safetensors import safe_open
 
@@ -487,6 +496,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"max_tokens": MAX_TOKENS, "seconds_per_level": args.seconds, "engines": {}}
     print("machine ceilings ...", flush=True)
     report["machine"] = machine_ceilings()
+    report["serving_dtype"] = serving_dtype()
     report["model_params"] = model_params()
     print(f"  {report['machine']}, {report['model_params'] / 1e6:.1f} M params", flush=True)
     db_url, adapter_v1 = prepare_loraloop(work / "data")
@@ -622,19 +632,22 @@ def summarise(report: dict[str, Any]) -> str:
         f"{swap['itl_ms_during_swap']['p50']}/{swap['itl_ms_during_swap']['p99']} ms"
     )
     machine, params = report["machine"], report["model_params"]
+    dtype = report.get("serving_dtype", "bfloat16")  # what the engine computes in: its matmul ceiling applies
+    weight_bytes = params * (4 if dtype == "float32" else 2)
+    matmul = machine[f"matmul_gflops_{dtype}"]
     flops = 2 * params
     best = max(ours.values())
     single_stream = ours.get(1, float("nan"))
     lines.append(
         f"machine: matmul fp32 {machine['matmul_gflops_float32']} / bf16 {machine['matmul_gflops_bfloat16']} GFLOP/s, "
-        f"memory {machine['memory_gb_s']} GB/s. loraloop at its best level uses "
-        f"{best * flops / 1e9:.0f} GFLOP/s = {100 * best * flops / 1e9 / machine['matmul_gflops_bfloat16']:.0f} % of "
-        f"bf16 matmul; single stream streams {single_stream * 2 * params / 1e9:.1f} GB/s of bf16 weights = "
-        f"{100 * single_stream * 2 * params / 1e9 / machine['memory_gb_s']:.0f} % of memory bandwidth"
+        f"memory {machine['memory_gb_s']} GB/s; loraloop serves in {dtype}. At its best level it uses "
+        f"{best * flops / 1e9:.0f} GFLOP/s = {100 * best * flops / 1e9 / matmul:.0f} % of {dtype} matmul; "
+        f"single stream streams {single_stream * weight_bytes / 1e9:.1f} GB/s of {dtype} weights = "
+        f"{100 * single_stream * weight_bytes / 1e9 / machine['memory_gb_s']:.0f} % of memory bandwidth"
     )
     report["efficiency"] = {
-        "compute_share_at_best_level": round(best * flops / 1e9 / machine["matmul_gflops_bfloat16"], 3),
-        "bandwidth_share_single_stream": round(single_stream * 2 * params / 1e9 / machine["memory_gb_s"], 3),
+        "compute_share_at_best_level": round(best * flops / 1e9 / matmul, 3),
+        "bandwidth_share_single_stream": round(single_stream * weight_bytes / 1e9 / machine["memory_gb_s"], 3),
     }
     return "\n".join(lines)
 
