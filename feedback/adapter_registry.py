@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from feedback.models import Adapter, AdapterVersion, RegistryEvent, VersionStatus, utcnow
@@ -63,11 +65,17 @@ def record_event(
 
 def ensure_alias(session: Session, name: str) -> Adapter:
     adapter = session.get(Adapter, name)
-    if adapter is None:
-        adapter = Adapter(name=name)
-        session.add(adapter)
+    if adapter is not None:
+        return adapter
+    # Replicas start at once against one database: another may insert the row between our read and our
+    # insert (a UniqueViolation that failed a replica's start-up on PostgreSQL). Insert-or-nothing, then read.
+    insert = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}.get(session.get_bind().dialect.name)
+    if insert is None:
+        session.add(Adapter(name=name))
         session.flush()
-    return adapter
+    else:
+        session.execute(insert(Adapter).values(name=name).on_conflict_do_nothing(index_elements=["name"]))
+    return session.get_one(Adapter, name)
 
 
 def active_versions(session: Session) -> dict[str, VersionRecord | None]:
