@@ -29,7 +29,6 @@ The slot rank grows to the largest loaded adapter's rank (up to the configured m
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -37,6 +36,7 @@ import structlog
 import torch
 
 from serving.adapters.store import LoRAWeights
+from serving.engine.linear import best_seconds
 from serving.engine.lora import BASE_SLOT, lora_pairs
 
 log = structlog.get_logger(__name__)
@@ -109,13 +109,7 @@ def _faster_on_this_cpu(model_dtype: torch.dtype) -> torch.dtype:
 
     def seconds(dtype: torch.dtype) -> float:
         xs, as_, bs = x.to(dtype), a.to(dtype), b.to(dtype)
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(4):
-                torch.bmm(torch.bmm(xs, as_)[:, :, :16], bs)
-            best = min(best, time.perf_counter() - start)
-        return best
+        return best_seconds(lambda: [torch.bmm(torch.bmm(xs, as_)[:, :, :16], bs) for _ in range(4)], repeat=5)
 
     seconds(model_dtype), seconds(torch.float32)  # warm both kernels up
     own, fp32 = seconds(model_dtype), seconds(torch.float32)

@@ -6,8 +6,7 @@ prepacking does). Which is faster depends on the CPU, not on a rule one can writ
 - on an AVX512-BF16 / AMX CPU, packed bf16 halves every projection (the re-layout per call costs as
   much as the multiply at decode batch sizes);
 - on an AMD EPYC with AVX2 only, MKL's fp32 GEMM runs its generic path: packed oneDNN fp32 took
-  24 ms against 69 ms for the lm_head at 32 rows, and 166 against 250 µs for gate/up at one row;
-- on an Intel CPU without AMX, MKL's fp32 is already good.
+  24 ms against 69 ms for the lm_head at 32 rows, and 166 against 250 µs for gate/up at one row.
 So each distinct weight shape is timed once with both kernels, at one row and at `batch_hint` rows
 (a decode step's extremes), and the faster is kept. CUDA always uses `F.linear`.
 """
@@ -39,8 +38,9 @@ def _mkldnn_packing_works(dtype: torch.dtype) -> bool:
         return False
 
 
-def _seconds(run: Callable[[], object], repeat: int = 3) -> float:
-    run()  # the first call pays for allocation and kernel selection
+def best_seconds(run: Callable[[], object], repeat: int = 3) -> float:
+    """The fastest of `repeat` timed calls, after one untimed call (allocation, kernel selection)."""
+    run()
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
@@ -59,8 +59,8 @@ def packing_pays(out_features: int, in_features: int, dtype: torch.dtype, batch_
     plain_s = packed_s = 0.0
     for rows in sorted({1, batch_hint}):
         x = torch.randn(rows, in_features, dtype=dtype)
-        plain_s += _seconds(lambda x=x: F.linear(x, weight))
-        packed_s += _seconds(lambda x=x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+        plain_s += best_seconds(lambda x=x: F.linear(x, weight))
+        packed_s += best_seconds(lambda x=x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
     pays = packed_s < plain_s
     log.debug(
         "linear kernel",
