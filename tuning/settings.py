@@ -47,7 +47,7 @@ class TuningSettings(BaseSettings):
     min_ratings: int = Field(2, ge=1, description="A round with less new feedback than this is skipped.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto",
-        description="auto: bf16 autocast on CUDA and on CPUs with native bf16 (about 1.6× faster here), else fp32.",
+        description="auto: bf16 autocast on CUDA and on CPUs with bf16 in hardware (AVX512-BF16, AMX), else fp32.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto picks CUDA when present.")
     seed: int = 0
