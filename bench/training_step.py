@@ -1,12 +1,14 @@
-"""How fast a tuning round trains on this machine: KTO steps in fp32 against bf16 autocast, side by side.
+"""How fast a tuning round trains on this machine: KTO steps in fp32 and bf16 autocast, side by side.
 
     .venv/bin/python bench/training_step.py [--steps 4] [--batch 8]
 
-`precision: auto` trains in bf16 autocast only where the hardware multiplies bf16 (AVX512-BF16, AMX,
-CUDA). This runs the round's own KTO phase (`tuning.trainer.train_kto`, the shipped recipe) on the
-bundled model with a fresh LoRA, once per precision, on the same rows (everyday prompts with answers of
-~130 tokens, a round's typical shape), and prints seconds per optimizer step (the first step, which
-pays for allocation, left out) and the ratio.
+Runs the round's own KTO phase (`tuning.trainer.train_kto`, the shipped recipe) on the bundled model with
+a fresh LoRA, on the same rows (everyday prompts with answers of ~130 tokens, a round's typical shape),
+each configuration in a fresh process, and prints seconds per optimizer step (the first step, which pays
+for allocation, left out) and each one's speed against the first:
+- fp32 with glibc's default malloc (the baseline: what rounds did before `tuning/cpu_memory.py`);
+- fp32 as a round trains on a CPU without hardware bf16 (freed memory kept for reuse);
+- bf16 autocast, what `precision: auto` picks where the hardware multiplies bf16 (AVX512-BF16, AMX).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,7 +57,9 @@ def ratings(count: int) -> list[RatedAnswer]:
     ]
 
 
-def seconds_per_step(precision: str, steps: int, batch: int) -> float:
+def seconds_per_step(precision: str, steps: int, batch: int, *, keep_freed_memory: bool = True) -> float:
+    if not keep_freed_memory:
+        trainer.keep_freed_memory = lambda: False  # glibc's defaults: this process never called mallopt
     device = torch.device("cpu")
     model_dir = base_model.prepare_bundled_model(MODEL_CACHE)
     tokenizer = base_model.load_tokenizer(model_dir)
@@ -75,16 +80,35 @@ def seconds_per_step(precision: str, steps: int, batch: int) -> float:
     return sum(gaps) / len(gaps)
 
 
+CONFIGS = {  # name: (precision, keep freed memory)
+    "fp32, default malloc": ("fp32", False),
+    "fp32 (a round)": ("fp32", True),
+    "bf16 autocast": ("bf16", True),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--one", choices=sorted(CONFIGS), help=argparse.SUPPRESS)  # a child process's config
     args = parser.parse_args()
-    print(f"auto picks bf16 here: {trainer.use_bf16(TuningSettings(), torch.device('cpu'))}")
-    fp32 = seconds_per_step("fp32", args.steps, args.batch)
-    print(f"fp32:            {fp32:6.2f} s/step")
-    bf16 = seconds_per_step("bf16", args.steps, args.batch)
-    print(f"bf16 autocast:   {bf16:6.2f} s/step   ({fp32 / bf16:.2f}x fp32's speed)")
+    if args.one:
+        precision, keep = CONFIGS[args.one]
+        print(json.dumps({"seconds": seconds_per_step(precision, args.steps, args.batch, keep_freed_memory=keep)}))
+        return
+    print(f"precision auto picks bf16 here: {trainer.use_bf16(TuningSettings(), torch.device('cpu'))}")
+    baseline = None
+    for name in CONFIGS:
+        child = subprocess.run(
+            [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--batch", str(args.batch)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        seconds = json.loads(child.stdout.strip().splitlines()[-1])["seconds"]
+        baseline = baseline or seconds
+        print(f"{name:22s} {seconds:6.2f} s/step   {baseline / seconds:.2f}x the first's speed")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallba
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from serving.base_model import cpu_has_native_bf16
+from tuning.cpu_memory import keep_freed_memory
 from tuning.datasets import KTOData
 from tuning.scoring import without_turn_end
 from tuning.settings import TuningSettings
@@ -129,6 +130,8 @@ def _drop_reference_copy(model: PeftModel) -> None:
 
 def _run(trainer: Any, method: str, callback: _ProgressCallback) -> PhaseResult:
     trainer.remove_callback(PrinterCallback)  # progress goes to the structured log and the run record
+    if trainer.args.use_cpu:
+        keep_freed_memory()  # TRL's LM-head tiles would otherwise be fresh, zero-filled pages every step
     started = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - started
