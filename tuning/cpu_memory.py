@@ -5,7 +5,7 @@ TRL scores answers with a chunked LM head: every step allocates and frees tiles 
 mmap threshold (at most 32 MB) with a fresh `mmap` and unmaps it on free, so every tile is new memory
 that the kernel zero-fills page by page: an element-wise pass over a tile ran at ~1 GB/s instead of
 the machine's ~25. With mmap off and trimming raised, freed tiles go back to malloc's own heap and the
-next step reuses the same pages: a KTO step (batch 8, ~170 tokens) took 7.4 s instead of 10.7 s on a
+next step reuses the same pages: a KTO step (batch 8, ~170 tokens) took 8.6 s instead of 11.7 s on a
 2-core AVX-512 VM (`bench/training_step.py`). The cost is a process that keeps its peak heap until it
 exits, which a round's process does right after.
 """
