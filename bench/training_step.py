@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.adaptation import load_prompts  # noqa: E402
 from bench.serving import MODEL_CACHE  # noqa: E402
 from feedback.training_data import RatedAnswer  # noqa: E402
 from serving import base_model  # noqa: E402
@@ -42,7 +43,7 @@ ANSWER = (
 
 
 def ratings(count: int) -> list[RatedAnswer]:
-    prompts = [json.loads(line)["prompt"] for line in (ROOT / "bench" / "prompts" / "everyday.jsonl").open()]
+    prompts, _ = load_prompts()  # the adaptation benchmark's train split
     return [
         RatedAnswer(
             f"f{i}",
