@@ -99,6 +99,8 @@ class Server:
             "LORALOOP_TUNING_SCHEDULE_CHECK_SECONDS": "2",
             "LORALOOP_TUNING_SCHEDULE_INTERVAL_SECONDS": "0",
             "LORALOOP_TUNING_SCHEDULE_MIN_FEEDBACK": str(ratings),
+            # Decide a canary on posterior means after 60 ratings, not 200: the bench's time, not its evidence.
+            "LORALOOP_TUNING_CANARY_MAX_RATINGS": "60",
             **extra_env,
         }
         self.process: subprocess.Popen[bytes] | None = None

@@ -1,9 +1,11 @@
 """How a tuning round trains: the recipe, read from `LORALOOP_TUNING_*` or `--tuning-*` options.
 
-Defaults follow the calibration on the bundled model (KTO + LoRA, simulated raters): lr 1.5e-4,
-rank 16 on all projections, 2 epochs moved a preference without breaking factual answers, where
-lr 2e-4 over one epoch on 300 ratings won the rater and broke the model, and 5e-5 on attention
-only moved nothing.
+Defaults follow the calibration on the bundled model (KTO + LoRA, simulated raters): rank 16 on all
+projections, 2 epochs. lr 2e-4 over one epoch on 300 ratings won the rater and broke the model, 5e-5 on
+attention only moved nothing; 1.5e-4 moved a preference 23 % → 47 % keeping factual answers, but in
+`bench/adaptation.py` only +13 points in a round. At 3e-4 (2 epochs, a quarter of the feedback held out)
+the bench's rounds gained +47 (one round) and +61 points (two, the first refused by the gate for
+answering in French), factual probes 98 %: the gate, not a timid lr, is what keeps a round from harm.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class TuningSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORALOOP_TUNING_", extra="ignore")
 
-    learning_rate: float = Field(1.5e-4, gt=0, le=1e-2, description="AdamW learning rate for a fresh LoRA.")
+    learning_rate: float = Field(3e-4, gt=0, le=1e-2, description="AdamW learning rate for a fresh LoRA.")
     # A fresh LoRA starts with B = 0, so its first steps barely move the model; a parent's A and B both
     # carry gradient from the first step. At the same lr, continued rounds drifted 5-9x further (probe KL
     # 0.075-0.124 against 0.014) and broke factual answers, so they take smaller steps.
     continued_learning_rate: float = Field(
-        7.5e-5, gt=0, le=1e-2, description="AdamW learning rate when a round continues the active adapter."
+        1.5e-4, gt=0, le=1e-2, description="AdamW learning rate when a round continues the active adapter."
     )
     epochs: float = Field(2.0, gt=0, le=20, description="Passes over the round's data.")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1: run the epochs).")
@@ -56,8 +58,10 @@ class TuningSettings(BaseSettings):
     )
 
     # Held-out slice and gate (tuning/gate.py)
+    # With ~15 % thumbs-up, a fifth held out left ~10 liked answers for the gate's preference test: too few
+    # for its z to tell a real gain from luck.
     heldout_fraction: float = Field(
-        0.2, ge=0, lt=1, description="Share of each round's feedback kept out for the gate."
+        0.25, ge=0, lt=1, description="Share of each round's feedback kept out for the gate."
     )
     gate_min_heldout: int = Field(8, ge=2, description="Below this many held-out ratings, preference is not measured.")
     gate_min_z: float = Field(1.645, description="One-sided z the held-out win must reach (1.645: 95 %).")
