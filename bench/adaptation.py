@@ -318,7 +318,7 @@ def draw_chart(rows: list[RoundRow], rule: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.6))
     names = [r.name for r in rows]
     ax.plot(names, [100 * r.heldout_uprate for r in rows], marker="o", label="held-out up-rate (users' sampling)")
     ax.plot(names, [100 * r.heldout_uprate_greedy for r in rows], marker="^", label="held-out up-rate (greedy)")
@@ -328,7 +328,8 @@ def draw_chart(rows: list[RoundRow], rule: str, path: Path) -> None:
     ax.set_ylim(0, 105)
     ax.set_ylabel("%")
     ax.set_title(f"loraloop adaptation: {rule}")
-    ax.legend(loc="center right")
+    # Below the axes: inside, wherever it sits, it covers some round's line or outcome label.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
