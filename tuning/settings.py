@@ -4,8 +4,9 @@ Defaults follow the calibration on the bundled model (KTO + LoRA, simulated rate
 projections, 2 epochs. lr 2e-4 over one epoch on 300 ratings won the rater and broke the model, 5e-5 on
 attention only moved nothing; 1.5e-4 moved a preference 23 % → 47 % keeping factual answers, but in
 `bench/adaptation.py` only +13 points in a round. At 3e-4 (2 epochs, a quarter of the feedback held out)
-the bench's rounds gained +47 (one round) and +61 points (two, the first refused by the gate for
-answering in French), factual probes 98 %: the gate, not a timid lr, is what keeps a round from harm.
+the bench's rounds gained +47 (one round), +61 (two, the first refused by the gate for answering in
+French) and, as shipped here, +75 points (three, the first refused), factual probes 97-100 % after each
+promotion: the gate, not a timid lr, is what keeps a round from harm.
 """
 
 from __future__ import annotations
