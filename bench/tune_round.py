@@ -22,6 +22,10 @@ from pathlib import Path
 import httpx
 from sqlalchemy import func, select
 
+# Run as `python bench/tune_round.py`, this folder comes first on the path and `bench/serving.py` would
+# shadow the `serving` package: the project root goes before it.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from feedback.db import make_sync_engine, session_scope
 from feedback.models import Completion, Feedback
 from serving.settings import Settings
