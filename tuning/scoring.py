@@ -59,6 +59,27 @@ def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
+def _answer_log_softmax(
+    model: torch.nn.Module, batch: list[tuple[list[int], list[int]]], pad_token_id: int
+) -> list[torch.Tensor]:
+    """For each (prompt ids, answer ids): the model's next-token log-probabilities [len(answer), vocab] at
+    the answer's positions, teacher-forced, in one right-padded forward (padding after a row cannot change
+    it under the causal mask). Logits are computed only over the batch's answer span: the LM head is most
+    of a forward's work here (49k rows), and the prompts' positions are not needed."""
+    device = next(model.parameters()).device
+    length = max(len(p) + len(a) for p, a in batch)
+    ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for i, (p, a) in enumerate(batch):
+        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+        mask[i, : len(p) + len(a)] = 1
+    first = min(len(p) for p, _ in batch) - 1  # logits at t predict token t + 1
+    keep = torch.arange(first, length - 1, device=device)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep).logits
+    logp = F.log_softmax(logits.float(), dim=-1)  # [B, length - 1 - first, V]
+    return [logp[i, len(p) - 1 - first : len(p) + len(a) - 1 - first] for i, (p, a) in enumerate(batch)]
+
+
 @torch.inference_mode()
 def answer_logprobs(
     model: torch.nn.Module,
@@ -68,21 +89,12 @@ def answer_logprobs(
     batch_size: int = 8,
 ) -> list[AnswerScore]:
     """log p(answer | prompt) under `model`, summed over the answer tokens, for each (prompt, answer, finished)."""
-    device = next(model.parameters()).device
     encoded = [_answer_ids(tokenizer, prompt, answer, finished) for prompt, answer, finished in rows]
     scores: list[AnswerScore] = []
     for batch in _batches(encoded, batch_size):
-        length = max(len(p) + len(a) for p, a in batch)
-        ids = torch.full((len(batch), length), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for i, (p, a) in enumerate(batch):
-            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-            mask[i, : len(p) + len(a)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [B, T, V]
-        logp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        for i, (p, a) in enumerate(batch):
-            answer_positions = slice(len(p) - 1, len(p) + len(a) - 1)  # logits at t predict token t+1
-            scores.append(AnswerScore(float(logp[i, answer_positions].sum()), len(a)))
+        for (_, answer), logp in zip(batch, _answer_log_softmax(model, batch, tokenizer.pad_token_id), strict=True):
+            taken = logp.gather(-1, torch.tensor(answer, device=logp.device).unsqueeze(-1))
+            scores.append(AnswerScore(float(taken.sum()), len(answer)))
     return scores
 
 
@@ -93,9 +105,11 @@ def greedy_answers(
     prompts: list[Messages],
     *,
     max_new_tokens: int = 32,
-    batch_size: int = 16,
+    batch_size: int = 32,
 ) -> list[list[int]]:
-    """Greedy answer token ids (EOS excluded) for each prompt, batched with left padding."""
+    """Greedy answer token ids (EOS excluded) for each prompt, batched with left padding.
+
+    32 a batch: the gate's 86 probes took 32 s against 44 s in batches of 16 (fp32, 2-core CPU)."""
     device = next(model.parameters()).device
     answers: list[list[int]] = []
     eos = tokenizer.eos_token_id
@@ -126,22 +140,21 @@ def mean_kl(
     answers: list[list[int]],
     as_reference: Callable[[], AbstractContextManager[Any]],
     as_candidate: Callable[[], AbstractContextManager[Any]],
+    *,
+    batch_size: int = 16,
 ) -> float:
     """Mean per-token KL(reference ‖ candidate) along the reference's own answers (teacher-forced).
 
     One model plays both parts: `as_reference()` / `as_candidate()` switch its adapter.
     """
-    device = next(model.parameters()).device
+    rows = [(render_prompt(tokenizer, p), a) for p, a in zip(prompts, answers, strict=True) if a]
     total, count = 0.0, 0
-    for prompt, answer in zip(prompts, answers, strict=True):
-        if not answer:
-            continue
-        ids = torch.tensor([render_prompt(tokenizer, prompt) + answer], device=device)
-        start = ids.shape[1] - len(answer) - 1
+    for batch in _batches(rows, batch_size):
         with as_reference():
-            ref = F.log_softmax(model(input_ids=ids).logits[0, start:-1].float(), dim=-1)
+            refs = _answer_log_softmax(model, batch, tokenizer.pad_token_id)
         with as_candidate():
-            cand = F.log_softmax(model(input_ids=ids).logits[0, start:-1].float(), dim=-1)
-        total += float((ref.exp() * (ref - cand)).sum())
-        count += len(answer)
+            cands = _answer_log_softmax(model, batch, tokenizer.pad_token_id)
+        for ref, cand in zip(refs, cands, strict=True):
+            total += float((ref.exp() * (ref - cand)).sum())
+            count += ref.shape[0]
     return total / count if count else 0.0
