@@ -29,7 +29,7 @@ def _settings_options(parser: argparse.ArgumentParser, model: type[BaseSettings]
             f"--{prefix}{name.replace('_', '-')}",
             dest=f"{prefix.replace('-', '_')}{name}",
             default=None,
-            help=field.description,
+            help=(field.description or "").replace("%", "%%"),  # argparse %-formats help text ("95 %" broke it)
         )
 
 
