@@ -133,6 +133,11 @@ class Server:
                 self.process.kill()
 
 
+# Simulated users talking at once: the engine's best batch on a 2-core CPU (282 against 206 tok/s at 32
+# and 16 clients on the AVX512-BF16 EPYC, README › Performance); the time users spend chatting counts in a round.
+CLIENTS = 32
+
+
 class Users:
     """Simulated users: ask, read, thumb. Each has a stable id, so canary routing keeps them on one arm."""
 
@@ -170,7 +175,7 @@ class Users:
         response.raise_for_status()
         return response.json()
 
-    async def chat_and_rate(self, prompts: list[str], *, poison: bool = False, concurrency: int = 16) -> int:
+    async def chat_and_rate(self, prompts: list[str], *, poison: bool = False, concurrency: int = CLIENTS) -> int:
         """Each prompt: one answer, one thumb (the rule's verdict, flipped with the noise; random when poisoned)."""
         jobs = [
             (p, f"user-{self.rng.randrange(200)}", self.rng.random(), self.rng.random(), self.rng.randrange(2**31))
@@ -200,9 +205,9 @@ class Measurement:
     answered_by: str
 
 
-async def measure(users: Users, heldout: list[str]) -> Measurement:
+async def measure(users: Users, heldout: list[str], *, concurrency: int = CLIENTS) -> Measurement:
     """Held-out up-rates by the rule (no noise: the true preference) and factual probes, through the API."""
-    gate = asyncio.Semaphore(16)
+    gate = asyncio.Semaphore(concurrency)
     probes = factual_probes()
 
     async def answer(prompt: str, temperature: float, seed: int, max_tokens: int | None = None) -> dict[str, Any]:
@@ -220,9 +225,12 @@ async def measure(users: Users, heldout: list[str]) -> Measurement:
     def liked(replies: list[dict[str, Any]]) -> float:
         return sum(users.likes(reply, p) for reply, p in zip(replies, heldout, strict=True)) / len(heldout)
 
-    sampled = await asyncio.gather(*(answer(p, users.temperature, i) for i, p in enumerate(heldout)))
-    greedy = await asyncio.gather(*(answer(p, 0.0, 0) for p in heldout))
-    facts = await asyncio.gather(*(answer(p.question, 0.0, 0, 32) for p in probes))
+    # All three sets at once: one after the other, each one's last few answers ran in a near-empty batch.
+    sampled, greedy, facts = await asyncio.gather(
+        asyncio.gather(*(answer(p, users.temperature, i) for i, p in enumerate(heldout))),
+        asyncio.gather(*(answer(p, 0.0, 0) for p in heldout)),
+        asyncio.gather(*(answer(p.question, 0.0, 0, 32) for p in probes)),
+    )
     texts = [reply["choices"][0]["message"]["content"] for reply in facts]
     factual = sum(p.is_answered_by(text) for text, p in zip(texts, probes, strict=True)) / len(probes)
     return Measurement(liked(sampled), liked(greedy), factual, greedy[0]["system_fingerprint"])
