@@ -55,13 +55,15 @@ def main() -> None:
     tokens = tuning.gate_probe_tokens
 
     def phases(greedy_batch: int, kl_batch: int) -> dict[str, float]:
-        def greedy() -> list[list[int]]:
-            return scoring.greedy_answers(model, tokenizer, prompts, max_new_tokens=tokens, batch_size=greedy_batch)
+        def greedy(model: Any) -> Callable[[], list[list[int]]]:
+            return lambda: scoring.greedy_answers(
+                model, tokenizer, prompts, max_new_tokens=tokens, batch_size=greedy_batch
+            )
 
         with contenders.incumbent() as model:
-            incumbent_s, answers = seconds(greedy)
+            incumbent_s, answers = seconds(greedy(model))
         with contenders.candidate() as model:
-            candidate_s, _ = seconds(greedy)
+            candidate_s, _ = seconds(greedy(model))
         incumbent_answers = answers[: len(probes)]
         kl_s, _ = seconds(
             lambda: scoring.mean_kl(

@@ -1,7 +1,7 @@
 """Every benchmark starts the way the README runs it (`python bench/<name>.py`), imports and all.
 
 Run from its own folder, a script has `bench/` first on its path, where `bench/serving.py` shadows the
-`serving` package: `bench/tune_round.py` failed that way for weeks, unnoticed, because nothing ran it.
+`serving` package: `bench/tune_round.py` failed that way, unnoticed, because nothing ran it.
 """
 
 from __future__ import annotations
