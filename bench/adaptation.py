@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
+import itertools
 import json
 import os
 import random
@@ -30,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,10 +65,12 @@ class RoundRow:
     canary: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
+    measured_again: bool = True  # False: the active version had not changed, its last measurement stands
 
-    def measured(self, m: Measurement) -> None:
+    def measured(self, m: Measurement, *, again: bool = True) -> None:
         self.heldout_uprate, self.heldout_uprate_greedy = m.uprate, m.uprate_greedy
         self.factual, self.active_after = m.factual, m.answered_by
+        self.measured_again = again
 
 
 def load_rule(spec: str) -> Rule:
@@ -109,7 +113,11 @@ class Server:
         binary = Path(sys.executable).parent / "loraloop"
         subprocess.run([str(binary), "db", "upgrade"], env=self.env, check=True, stdout=subprocess.DEVNULL)
         self.log = (self.data_dir / "server.log").open("wb")
-        self.process = subprocess.Popen([str(binary), "serve"], env=self.env, stdout=self.log, stderr=self.log)
+        # Its own process group: the server leaves a round in progress to finish (`Scheduler.stop`), and
+        # the benchmark, which deletes the data dir, must not leave one training after it.
+        self.process = subprocess.Popen(
+            [str(binary), "serve"], env=self.env, stdout=self.log, stderr=self.log, start_new_session=True
+        )
 
     async def wait_ready(self, client: httpx.AsyncClient, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -125,12 +133,16 @@ class Server:
         raise SystemExit("the server did not get ready")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+        with contextlib.suppress(ProcessLookupError):  # a round the scheduler started, still training
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 # Simulated users talking at once: the engine's best batch on a 2-core CPU (282 against 206 tok/s at 32
@@ -152,6 +164,7 @@ class Users:
         self.rng = random.Random(seed)
         self.sent = 0
         self.last_run_id = 0  # the newest tuning run a benchmark round has accounted for
+        self.last_measured: tuple[str | None, Measurement] | None = None  # (active version, its measurement)
 
     def likes(self, reply: dict[str, Any], prompt: str) -> bool:
         """The rule's verdict on a finished answer. An answer cut off at max_tokens is a thumbs-down: users
@@ -175,26 +188,43 @@ class Users:
         response.raise_for_status()
         return response.json()
 
-    async def chat_and_rate(self, prompts: list[str], *, poison: bool = False, concurrency: int = CLIENTS) -> int:
-        """Each prompt: one answer, one thumb (the rule's verdict, flipped with the noise; random when poisoned)."""
-        jobs = [
-            (p, f"user-{self.rng.randrange(200)}", self.rng.random(), self.rng.random(), self.rng.randrange(2**31))
-            for p in prompts
-        ]
-        gate = asyncio.Semaphore(concurrency)
+    async def ask_and_rate(self, prompt: str, *, poison: bool = False) -> None:
+        """One user asks, reads the answer and sends a thumb (the rule's verdict, flipped with the noise;
+        a coin when poisoned)."""
+        user, flip, coin = f"user-{self.rng.randrange(200)}", self.rng.random(), self.rng.random()
+        reply = await self.ask(prompt, user, temperature=self.temperature, seed=self.rng.randrange(2**31))
+        liked = coin < 0.5 if poison else self.likes(reply, prompt) != (flip < self.noise)
+        sent = await self.client.post(
+            "/v1/feedback", json={"completion_id": reply["id"], "rating": 1 if liked else -1, "user": user}
+        )
+        sent.raise_for_status()
+        self.sent += 1
 
-        async def one(prompt: str, user: str, flip: float, coin: float, seed: int) -> None:
-            async with gate:
-                reply = await self.ask(prompt, user, temperature=self.temperature, seed=seed)
-                liked = coin < 0.5 if poison else self.likes(reply, prompt) != (flip < self.noise)
-                sent = await self.client.post(
-                    "/v1/feedback", json={"completion_id": reply["id"], "rating": 1 if liked else -1, "user": user}
-                )
-                sent.raise_for_status()
-                self.sent += 1
+    async def chat_until(
+        self,
+        done: Callable[[], Awaitable[bool]],
+        next_prompt: Callable[[], str],
+        *,
+        poison: bool = False,
+        concurrency: int = CLIENTS,
+    ) -> None:
+        """`concurrency` users keep asking and rating until `done()` (asked every second) says so; answers
+        already asked for are still rated. Traffic that stops when the server acts: in fixed waves, a round
+        started on a wave's first part while its rest kept the CPU busy (training steps 15-30 s instead of 3)."""
+        stop = asyncio.Event()
 
-        await asyncio.gather(*(one(*job) for job in jobs))
-        return len(jobs)
+        async def watch() -> None:
+            while not await done():
+                await asyncio.sleep(1)
+            stop.set()
+
+        async def one_user() -> None:
+            while not stop.is_set():
+                await self.ask_and_rate(next_prompt(), poison=poison)
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.gather(*(one_user() for _ in range(concurrency)))
+        await watcher
 
 
 @dataclass
@@ -236,10 +266,26 @@ async def measure(users: Users, heldout: list[str], *, concurrency: int = CLIENT
     return Measurement(liked(sampled), liked(greedy), factual, greedy[0]["system_fingerprint"])
 
 
+async def measure_active(users: Users, heldout: list[str], row: RoundRow, active: str | None) -> None:
+    """Measure the active version, unless it is the one measured last (a rejected or rolled-back round):
+    then that measurement stands. Asking the same version the same prompts again (greedy, fixed seeds)
+    would take ~40 s of the run to show the same answers."""
+    if users.last_measured is not None and users.last_measured[0] == active:
+        row.measured(users.last_measured[1], again=False)
+        return
+    measurement = await measure(users, heldout)
+    users.last_measured = (active, measurement)
+    row.measured(measurement)
+
+
 async def admin(client: httpx.AsyncClient, path: str) -> Any:
     response = await client.get(f"/v1/admin{path}")
     response.raise_for_status()
     return response.json()
+
+
+async def alias_view(client: httpx.AsyncClient) -> dict[str, Any]:
+    return next(a for a in await admin(client, "/adapters") if a["name"] == ALIAS)
 
 
 async def latest_run_id(client: httpx.AsyncClient) -> int:
@@ -247,9 +293,7 @@ async def latest_run_id(client: httpx.AsyncClient) -> int:
     return runs[0]["id"] if runs else 0
 
 
-async def play_round(
-    users: Users, train: list[str], heldout: list[str], name: str, ratings: int, *, poison: bool
-) -> RoundRow:
+async def play_round(users: Users, train: list[str], heldout: list[str], name: str, *, poison: bool) -> RoundRow:
     """Users chat and rate until the server starts a round; wait for it; keep rating through its canary."""
     client = users.client
     row = RoundRow(name)
@@ -266,17 +310,17 @@ async def play_round(
         before = latest
     pool = train[:]
     users.rng.shuffle(pool)
-    # Traffic in waves until the scheduler notices enough new feedback and starts a round.
-    wave = 0
-    while (await latest_run_id(client)) == before:
-        take = ratings if wave == 0 else 16
-        await users.chat_and_rate([pool[(wave * 16 + i) % len(pool)] for i in range(take)], poison=poison)
-        wave += 1
-        if wave > 1:
-            await asyncio.sleep(2)
+    prompts = itertools.cycle(pool)
+
+    async def round_started() -> bool:
+        return (await latest_run_id(client)) != before
+
+    # Traffic until the scheduler has seen enough new feedback and started a round.
+    if not await round_started():
+        await users.chat_until(round_started, lambda: next(prompts), poison=poison)
     run_id = users.last_run_id = await latest_run_id(client)
     while (run := await admin(client, f"/runs/{run_id}"))["status"] == "running":
-        await asyncio.sleep(3)
+        await asyncio.sleep(1)
     counts, metrics = run["data_counts"], run["metrics"]
     row.ratings_used = counts.get("ratings", 0)
     row.desirable, row.undesirable = counts.get("desirable", 0), counts.get("undesirable", 0)
@@ -284,12 +328,14 @@ async def play_round(
     row.train_seconds = round(sum(m.get("seconds", 0) for k, m in metrics.items() if k in ("kto", "dpo")), 1)
     row.outcome = run["status"]
     produced = run.get("produced_version_id")
+
     # A candidate on canary: real users keep chatting (with their real preference) until the scheduler decides.
-    while True:
-        aliases = {a["name"]: a for a in await admin(client, "/adapters")}
-        if aliases[ALIAS]["canary"] is None:
-            break
-        await users.chat_and_rate([users.rng.choice(train) for _ in range(16)])
+    async def canary_decided() -> bool:
+        return (await alias_view(client))["canary"] is None
+
+    if not await canary_decided():
+        await users.chat_until(canary_decided, lambda: users.rng.choice(train))
+    aliases = {ALIAS: await alias_view(client)}
     events = await admin(client, f"/adapters/{ALIAS}/events?limit=5")
     decided = next((e for e in events if e["actor"] == "canary"), None)
     if decided is not None and produced is not None and run["status"] == "succeeded":
@@ -297,7 +343,7 @@ async def play_round(
         row.canary = decided["evidence"]
     versions = [v for v in aliases[ALIAS]["versions"] if v["id"] == produced]
     row.version = versions[0]["label"] if versions else ""
-    row.measured(await measure(users, heldout))
+    await measure_active(users, heldout, row, aliases[ALIAS]["active"])
     row.wall_seconds = round(time.monotonic() - started, 1)
     return row
 
@@ -306,12 +352,13 @@ def print_table(rows: list[RoundRow]) -> None:
     head = f"{'round':<10}{'ratings':>8}{'+/-':>9} {'outcome':<22}{'active':<22}{'held-out up':>12}{'greedy':>8}"
     head += f"{'factual':>9}"
     head += f"{'AUC':>7}{'z':>7}{'AUC/tok':>9}{'KL':>7}{'non-ans':>9}{'train s':>9}{'wall s':>8}"
-    print(head)
+    print(head)  # "=" after the up-rate: the active version had not changed; its last measurement stands
     for r in rows:
         g = r.gate
         print(
             f"{r.name:<10}{r.ratings_used:>8}{f'{r.desirable}/{r.undesirable}':>9} {r.outcome:<22}{r.active_after:<22}"
-            f"{r.heldout_uprate:>12.0%}{r.heldout_uprate_greedy:>8.0%}{r.factual:>9.0%}"
+            f"{r.heldout_uprate:>11.0%}{' ' if r.measured_again else '='}"
+            f"{r.heldout_uprate_greedy:>8.0%}{r.factual:>9.0%}"
             f"{g.get('heldout_auc', float('nan')):>7.2f}"
             f"{g.get('heldout_auc_z', float('nan')):>7.2f}{g.get('heldout_auc_per_token', float('nan')):>9.2f}"
             f"{g.get('probe_kl', float('nan')):>7.3f}"
@@ -360,13 +407,14 @@ async def run(args: argparse.Namespace) -> list[RoundRow]:
             await server.wait_ready(client)
             users = Users(client, rule, args.noise, args.max_tokens, args.temperature, args.seed)
             base = RoundRow("base")
-            base.measured(await measure(users, heldout))
+            aliases = {a["name"]: a for a in await admin(client, "/adapters")}
+            await measure_active(users, heldout, base, aliases[ALIAS]["active"] if ALIAS in aliases else None)
             base.wall_seconds = round(time.monotonic() - started, 1)
             rows.append(base)
             print_table(rows)
             names = [f"round {i}" for i in range(1, args.rounds + 1)] + (["poisoned"] if args.poison else [])
             for name in names:
-                row = await play_round(users, train, heldout, name, args.ratings, poison=name == "poisoned")
+                row = await play_round(users, train, heldout, name, poison=name == "poisoned")
                 rows.append(row)
                 print(f"--- {name} ({time.monotonic() - started:.0f} s so far)", flush=True)
                 print_table(rows)

@@ -23,8 +23,8 @@ moved the up-rate 3% → 100% and answered "What's the capital of?" to a factual
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,10 @@ from transformers import PreTrainedTokenizerBase
 
 from feedback.models import ComparisonOutcome
 from feedback.training_data import ComparedAnswers, RatedAnswer
+from serving.prompt import render_prompt
 from tuning import scoring
 from tuning.answer_checks import is_non_answer
+from tuning.probe_answers import GreedyConditions, KnownAnswers
 from tuning.probes import FactualProbe, everyday_probes
 from tuning.settings import TuningSettings
 
@@ -200,8 +202,10 @@ def run_gate(
     probes: list[FactualProbe],
     settings: TuningSettings,
     everyday: list[scoring.Messages] | None = None,
+    known: KnownAnswers | None = None,
 ) -> GateReport:
-    """`everyday`: the requests that must go on being answered (default: the shipped everyday probes)."""
+    """`everyday`: the requests that must go on being answered (default: the shipped everyday probes).
+    `known`: where greedy probe answers are kept; the incumbent's are then usually there already."""
     tokenizer.padding_side = "left"
     reasons: list[str] = []
     figures: dict[str, Any] = {}
@@ -228,14 +232,16 @@ def run_gate(
 
     prompts = [probe.messages for probe in probes]
     requests = everyday_probes() if everyday is None else everyday
-    with contenders.incumbent() as model:
-        incumbent_all = scoring.greedy_answers(
-            model, tokenizer, prompts + requests, max_new_tokens=settings.gate_probe_tokens
-        )
-    with contenders.candidate() as model:
-        candidate_all = scoring.greedy_answers(
-            model, tokenizer, prompts + requests, max_new_tokens=settings.gate_probe_tokens
-        )
+    parameter = next(contenders.policy.parameters())
+    conditions = GreedyConditions(
+        [render_prompt(tokenizer, p) for p in prompts + requests],
+        settings.gate_probe_tokens,
+        scoring.GREEDY_BATCH_SIZE,
+        parameter.dtype,
+        parameter.device,
+    )
+    incumbent_all = _greedy(contenders.incumbent, tokenizer, prompts + requests, conditions, known, "incumbent")
+    candidate_all = _greedy(contenders.candidate, tokenizer, prompts + requests, conditions, known, "candidate")
     incumbent_answers, candidate_answers = incumbent_all[: len(prompts)], candidate_all[: len(prompts)]
     kl = scoring.mean_kl(
         contenders.policy, tokenizer, prompts, incumbent_answers, contenders.incumbent, contenders.candidate
@@ -263,3 +269,27 @@ def run_gate(
         "gate", passed=report.passed, reasons=reasons, **{k: v for k, v in figures.items() if not isinstance(v, str)}
     )
     return report
+
+
+def _greedy(
+    role: Callable[[], AbstractContextManager[PeftModel]],
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[scoring.Messages],
+    conditions: GreedyConditions,
+    known: KnownAnswers | None,
+    part: str,
+) -> list[list[int]]:
+    """One contender's greedy probe answers: kept ones when its weights were asked before, else generated (and kept)."""
+    name = None if known is None else getattr(known, part)
+    if known is not None and name is not None:
+        kept = known.store.load(name, conditions)
+        if kept is not None:
+            log.info("gate reuses kept probe answers", contender=part)
+            return kept
+    with role() as model:
+        answers = scoring.greedy_answers(
+            model, tokenizer, prompts, max_new_tokens=conditions.max_new_tokens, batch_size=conditions.batch_size
+        )
+    if known is not None and name is not None:
+        known.store.save(name, conditions, answers)
+    return answers

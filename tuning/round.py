@@ -30,7 +30,7 @@ from feedback.db import make_sync_engine, session_scope
 from feedback.models import Adapter, AdapterVersion, RunStatus, TuningRun, UseRole, VersionStatus, utcnow
 from feedback.training_data import ComparedAnswers, RatedAnswer
 from serving import base_model, failpoints
-from serving.adapters.store import read_version, sweep, write_version
+from serving.adapters.store import content_sha256, read_version, sweep, write_version
 from serving.engine.lora import SERVABLE_MODULES
 from serving.settings import Settings
 from tuning import trainer
@@ -38,6 +38,7 @@ from tuning.crew import Crew, TrainingOrders
 from tuning.datasets import dpo_dataset, kto_dataset
 from tuning.gate import Contenders, GateReport, run_gate
 from tuning.lock import RoundLock
+from tuning.probe_answers import KnownAnswers, ProbeAnswerStore
 from tuning.probes import factual_probes
 from tuning.settings import TuningSettings
 
@@ -275,7 +276,15 @@ def _train_gate_publish(
         report.stage("saving", 0.9)
         trainer.save_adapter(policy, workdir / "adapter")
         report.stage("gate", 0.92)
-        gate = run_gate(Contenders(policy, parent_dir), tokenizer, held_r, held_c, factual_probes(), tuning)
+        base = f"{source.model_id}@{source.path}"
+        known = KnownAnswers(
+            ProbeAnswerStore(settings.model_cache_dir / "probe-answers"),
+            incumbent=base if parent is None else f"{base}+{parent.sha256}",
+            candidate=f"{base}+{content_sha256(workdir / 'adapter')}",
+        )
+        gate = run_gate(
+            Contenders(policy, parent_dir), tokenizer, held_r, held_c, factual_probes(), tuning, known=known
+        )
         with session_scope(db) as session:
             number = adapter_registry.next_version_number(session, alias)
         stored = write_version(settings.adapters_path, alias, number, workdir / "adapter")

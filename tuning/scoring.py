@@ -19,6 +19,9 @@ from serving.prompt import render_prompt
 
 Messages = list[dict[str, Any]]
 
+# Greedy probes a batch: the gate's 86 probes took 32 s against 44 s in batches of 16 (fp32, 2-core CPU).
+GREEDY_BATCH_SIZE = 32
+
 
 @dataclass(frozen=True)
 class AnswerScore:
@@ -105,11 +108,9 @@ def greedy_answers(
     prompts: list[Messages],
     *,
     max_new_tokens: int = 32,
-    batch_size: int = 32,
+    batch_size: int = GREEDY_BATCH_SIZE,
 ) -> list[list[int]]:
-    """Greedy answer token ids (EOS excluded) for each prompt, batched with left padding.
-
-    32 a batch: the gate's 86 probes took 32 s against 44 s in batches of 16 (fp32, 2-core CPU)."""
+    """Greedy answer token ids (EOS excluded) for each prompt, batched with left padding."""
     device = next(model.parameters()).device
     answers: list[list[int]] = []
     eos = tokenizer.eos_token_id
