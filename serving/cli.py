@@ -99,6 +99,10 @@ def cmd_tune(settings: Settings, args: argparse.Namespace) -> None:
         tuning = _build(TuningSettings, args, prefix="tuning_")
     except ValidationError as error:
         _fail_on_bad_config(error, "LORALOOP_TUNING_")
+    if args.trigger == "schedule":  # started by a server, which goes on serving on this machine
+        from tuning.schedule import yield_cpu_to_serving
+
+        yield_cpu_to_serving(tuning.scheduled_niceness)
     outcome = run_round(settings, tuning, alias=args.alias, trigger=args.trigger)
     print(json.dumps(outcome.summary(), default=str))  # one line: the last line of stdout is the result
     if outcome.status == "failed":

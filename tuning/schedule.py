@@ -114,6 +114,13 @@ def round_command(settings: Settings, tuning: TuningSettings, alias: str) -> tup
     return [sys.executable, "-m", "serving.cli", "tune", "--alias", alias, "--trigger", "schedule"], env
 
 
+def yield_cpu_to_serving(niceness: int) -> int:
+    """Lower this process's CPU priority (a round a server started on its own machine); the new nice value."""
+    if niceness <= 0 or not hasattr(os, "nice"):  # os.nice is POSIX-only
+        return os.nice(0) if hasattr(os, "nice") else 0
+    return os.nice(niceness)
+
+
 def _env_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 

@@ -4,6 +4,8 @@ to a canary; live ratings promote it (or roll it back), every decision recorded 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 from litestar.testing import AsyncTestClient
@@ -151,3 +153,19 @@ def test_a_canary_that_does_worse_is_rolled_back(settings: Settings, tiny_model_
         [event] = session.scalars(select(RegistryEvent).where(RegistryEvent.action == "canary_rollback")).all()
         assert event.actor == "canary" and event.evidence["p_drop"] >= 0.95
     engine.dispose()
+
+
+def test_a_round_the_server_starts_runs_at_a_lower_cpu_priority() -> None:
+    # In a child process: a process cannot raise its priority back, and pytest's must stay as it is.
+    code = (
+        "import os; from tuning.schedule import yield_cpu_to_serving; before = os.nice(0); "
+        "print(before, yield_cpu_to_serving(10), yield_cpu_to_serving(0))"
+    )
+    before, after, unchanged = map(
+        int,
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2]
+        ).stdout.split(),
+    )
+    assert after == min(before + 10, 19) and unchanged == after
+    assert TuningSettings().scheduled_niceness == 10
