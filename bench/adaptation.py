@@ -404,6 +404,7 @@ async def run(args: argparse.Namespace) -> list[RoundRow]:
     server = Server(data_dir, args.port, args.ratings, extra)
     rows: list[RoundRow] = []
     started = time.monotonic()
+    learning_seconds = 0.0
     server.start()
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{args.port}", timeout=600) as client:
@@ -414,11 +415,14 @@ async def run(args: argparse.Namespace) -> list[RoundRow]:
             await measure_active(users, heldout, base, aliases[ALIAS]["active"] if ALIAS in aliases else None)
             base.wall_seconds = round(time.monotonic() - started, 1)
             rows.append(base)
+            learning_seconds = time.monotonic() - started  # the base measurement and the learning rounds
             print_table(rows)
             names = [f"round {i}" for i in range(1, args.rounds + 1)] + (["poisoned"] if args.poison else [])
             for name in names:
                 row = await play_round(users, train, heldout, name, poison=name == "poisoned")
                 rows.append(row)
+                if name != "poisoned":
+                    learning_seconds = time.monotonic() - started
                 print(f"--- {name} ({time.monotonic() - started:.0f} s so far)", flush=True)
                 print_table(rows)
     finally:
@@ -433,6 +437,7 @@ async def run(args: argparse.Namespace) -> list[RoundRow]:
         "noise": args.noise,
         "ratings_per_round": args.ratings,
         "total_seconds": round(total, 1),
+        "learning_seconds": round(learning_seconds, 1),
         "uprate_gain_points": round(100 * best_gain, 1),
         "min_factual_after_promotion": min((r.factual for r in rows if "promote" in r.outcome), default=None),
         "poison_kept_out": (rows[-1].active_after == rows[-2].active_after) if args.poison else None,
@@ -443,7 +448,8 @@ async def run(args: argparse.Namespace) -> list[RoundRow]:
     draw_chart(rows, args.rule, out / "adaptation.png")
     print(
         f"\nheld-out up-rate {rows[0].heldout_uprate:.0%} → best {rows[0].heldout_uprate + best_gain:.0%} "
-        f"(+{100 * best_gain:.0f} points); total {total / 60:.1f} min; "
+        f"(+{100 * best_gain:.0f} points); base and learning rounds {learning_seconds / 60:.1f} min, "
+        f"total {total / 60:.1f} min; "
         f"results in {out / 'adaptation.json'} and {out / 'adaptation.png'}"
     )
     if not args.keep_data:

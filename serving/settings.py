@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     )
     model_cache_dir: Path = Field(
         Path.home() / ".cache" / "loraloop",
-        description="Where the bundled model is converted to safetensors once.",
+        description="Where the bundled model is converted to safetensors once, and gates keep probe answers.",
     )
     adapter_dir: Path | None = Field(
         None, description="Adapter store shared by replicas and the tuner. Default: <data dir>/adapters."
