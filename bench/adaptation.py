@@ -106,7 +106,7 @@ class Server:
             # Decide a canary on posterior means after 50 ratings, not 200: the bench's time, not its evidence.
             # At a 30 % share that is ~170 ratings in all, which with the ~32 in flight when it is decided stay
             # under a round's 240: at 60 (~210 + 32) the server started a round nobody asked for on the last
-            # canary's feedback, which then trained beside the bench's last measurement (38 s -> ~150 s).
+            # canary's feedback, which then trained beside the bench's last measurement (38 s -> ~2.5 min).
             "LORALOOP_TUNING_CANARY_MAX_RATINGS": "50",
             **extra_env,
         }

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from peft import PeftModel
@@ -277,19 +277,17 @@ def _greedy(
     prompts: list[scoring.Messages],
     conditions: GreedyConditions,
     known: KnownAnswers | None,
-    part: str,
+    part: Literal["incumbent", "candidate"],
 ) -> list[list[int]]:
     """One contender's greedy probe answers: kept ones when its weights were asked before, else generated (and kept)."""
-    name = None if known is None else getattr(known, part)
-    if known is not None and name is not None:
-        kept = known.store.load(name, conditions)
-        if kept is not None:
-            log.info("gate reuses kept probe answers", contender=part)
-            return kept
+    kept = None if known is None else known.store.load(getattr(known, part), conditions)
+    if kept is not None:
+        log.info("gate reuses kept probe answers", contender=part)
+        return kept
     with role() as model:
         answers = scoring.greedy_answers(
             model, tokenizer, prompts, max_new_tokens=conditions.max_new_tokens, batch_size=conditions.batch_size
         )
-    if known is not None and name is not None:
-        known.store.save(name, conditions, answers)
+    if known is not None:
+        known.store.save(getattr(known, part), conditions, answers)
     return answers
