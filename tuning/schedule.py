@@ -116,9 +116,9 @@ def round_command(settings: Settings, tuning: TuningSettings, alias: str) -> tup
 
 def yield_cpu_to_serving(niceness: int) -> int:
     """Lower this process's CPU priority (a round a server started on its own machine); the new nice value."""
-    if niceness <= 0 or not hasattr(os, "nice"):  # os.nice is POSIX-only
-        return os.nice(0) if hasattr(os, "nice") else 0
-    return os.nice(niceness)
+    if not hasattr(os, "nice"):  # POSIX-only
+        return 0
+    return os.nice(max(niceness, 0))  # os.nice(0) only reads it
 
 
 def _env_value(value: Any) -> str:

@@ -101,8 +101,8 @@ class TuningSettings(BaseSettings):
     )
     schedule_min_feedback: int = Field(50, ge=1, description="New ratings + comparisons an alias needs for a round.")
     lock_ttl_seconds: float = Field(90.0, gt=5, description="The round lock expires this long after its last renewal.")
-    # A server's own rounds share its machine: at equal priority, requests in flight when a round started
-    # took a minute to finish beside it on 2 cores, and the round's first steps 15-30 s instead of 4.
+    # A server's own rounds share its machine: at equal priority, the requests in flight when a round started
+    # (48 in one benchmark run on 2 cores) took a minute to finish beside the round's start.
     scheduled_niceness: int = Field(
         10, ge=0, le=19, description="Nice value added to rounds a server starts, so its requests get the CPU first."
     )
