@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass, replace
 
 from serving.adapters.store import LoRAWeights
-from serving.engine.types import Engine, FinishReason, GenerationChunk, GenerationRequest
+from serving.engine.types import Engine, FinishReason, GenerationChunk, GenerationRequest, close_stream
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,7 @@ class CachingEngine:
                     chunk = replace(chunk, cache="miss")
                 yield chunk
         finally:
-            close = getattr(source, "aclose", None)
-            if close is not None:
-                await close()  # a client that left cancels the generation
+            await close_stream(source)  # a client that left cancels the generation
 
     # -- the rest of the Engine interface, passed through ----------------------------------------
     async def load_adapter(self, key: str, weights: LoRAWeights) -> None:

@@ -52,6 +52,16 @@ class GenerationChunk:
     cache: CacheOutcome | None = None  # on the last chunk of a cacheable request, when a response cache is on
 
 
+async def close_stream(chunks: AsyncIterator[GenerationChunk]) -> None:
+    """Close what `Engine.generate` returned, which cancels its sequence now rather than at garbage collection.
+
+    Engines return async generators or their own iterators (the batched engine's `_Stream`); both have
+    `aclose`, but only the first is an `AsyncGenerator`, so check for the method, not the type."""
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        await close()
+
+
 class Engine(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the answer; closing the iterator early cancels the sequence and frees its memory.

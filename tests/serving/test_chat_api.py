@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy import select
 
+from feedback.callers import LOCAL_CALLER
 from feedback.db import make_sync_engine, session_scope
 from feedback.models import Completion
+from serving.api.schemas import ChatCompletionRequest
+from serving.engine.types import GenerationChunk, GenerationRequest
 from serving.settings import Settings
 
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8}
@@ -120,3 +127,39 @@ async def test_models_health_ready(client: AsyncTestClient) -> None:
     assert (await client.get("/health")).json() == {"status": "ok"}
     ready = await client.get("/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+async def test_a_client_that_leaves_mid_stream_cancels_its_sequence(client: AsyncTestClient) -> None:
+    """The engine's stream is closed when the response is cancelled, not when it is garbage-collected.
+
+    The test keeps its own reference to the engine's stream, as a cancelled task's traceback does in a server:
+    a sequence left to the garbage collector keeps generating and holds its KV slot."""
+    chat = client.app.state.chat
+    engine_streams: list[AsyncIterator[GenerationChunk]] = []
+    generate = chat.engine.generate
+
+    def keep_stream(request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        engine_streams.append(generate(request))
+        return engine_streams[-1]
+
+    chat.engine.generate = keep_stream
+    request = msgspec.convert(CHAT | {"stream": True, "max_tokens": 1000}, ChatCompletionRequest)
+    events, _ = await chat.stream(request, LOCAL_CALLER)
+    first_text = asyncio.Event()
+
+    async def respond() -> None:  # what the server's response task does, until the client's disconnect cancels it
+        async for event in events:
+            if '"content":"' in event and '"content":""' not in event:
+                first_text.set()
+
+    response = asyncio.create_task(respond())
+    await asyncio.wait_for(first_text.wait(), timeout=30)
+    response.cancel()
+    await asyncio.gather(response, return_exceptions=True)
+
+    [stream] = engine_streams
+    assert await anext(stream, None) is None, "the engine's stream is still open after the response was cancelled"
+    deadline = time.monotonic() + 10
+    while chat.engine.running:
+        assert time.monotonic() < deadline, "the cancelled sequence still runs"
+        await asyncio.sleep(0.01)
