@@ -4,9 +4,10 @@
     flock /tmp/loraloop-cpu.lock .venv/bin/python bench/serving.py --llama-cpp   # + both llama.cpp servers
 
 Every engine is a server process answering OpenAI streaming chat requests (chat prompts, greedy,
-max_tokens 128) from N concurrent clients, each sending requests back to back for `--seconds`;
-tokens count when they arrive before the window closes, so servers that run one request at a time
-are not flattered by a long drain. Engines:
+max_tokens 128) from N concurrent clients, each sending requests back to back. The clients arrive
+over a `--warmup` (10 s), and only the `--seconds` window after it is measured: tokens count when they
+arrive inside it, so servers that run one request at a time are not flattered by a long drain, and the
+start-up wave of N prompts at once is not what a level measures. Engines:
 
 - A: plain transformers + PEFT `generate` with a streamer, one request at a time, behind a minimal
   threaded HTTP server (this file, `--serve-hf`), same adapter and dtype as loraloop;
@@ -32,6 +33,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -138,14 +140,21 @@ async def run_level(
     payload: Callable[[int, int], dict[str, Any]],
     during: Callable[[float], Any] | None = None,
     stagger: float = 0.0,
+    warmup: float = 0.0,
 ) -> tuple[Level, list[Request]]:
-    """`clients` loops of back-to-back requests for `seconds`; `payload(client, n)` builds each request.
+    """`clients` loops of back-to-back requests; `payload(client, n)` builds each request.
 
-    `stagger`: client i sends its first request i * stagger / clients seconds in, so arrivals spread out."""
+    `stagger`: client i sends its first request i * stagger / clients seconds in, so arrivals spread out.
+    `warmup`: the clients start staggered over it (unless `stagger` says otherwise) and the measured window
+    is the `seconds` after it: the level's steady state, not its start-up wave. On a 2-core VM a 32-client
+    answer takes about 20 s, so a window that opens with the clients' first requests measures one wave of
+    32 prompts prefilled together and nothing else. Without a warm-up every token counts, as before."""
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    stagger = stagger or warmup
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as http:
         start = time.perf_counter()
-        deadline = start + seconds
+        opens = start + warmup
+        deadline = opens + seconds
         done: list[Request] = []
 
         async def client(i: int) -> None:
@@ -159,13 +168,20 @@ async def run_level(
         if during is not None:
             tasks.append(during(start))
         await asyncio.gather(*tasks)
-    ttft = [r.chunk_times[0] - r.started for r in done if r.chunk_times]
-    itl = [b - a for r in done for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
+
+    def tokens_in_window(r: Request) -> float:
+        """The server's token count (or the chunks seen) times the share of its chunks that came in the window."""
+        if not r.chunk_times:
+            return 0.0 if warmup else r.tokens
+        return r.tokens * sum(t >= opens for t in r.chunk_times) / len(r.chunk_times)
+
+    ttft = [r.chunk_times[0] - r.started for r in done if r.chunk_times and r.started >= opens]
+    itl = [b - a for r in done for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False) if a >= opens]
     failed = [r for r in done if r.failed]
     level = Level(
         clients=clients,
         seconds=seconds,
-        tok_s=round(sum(r.tokens for r in done if not r.failed) / seconds, 1),
+        tok_s=round(sum(tokens_in_window(r) for r in done if not r.failed) / seconds, 1),
         requests=len(done),
         failed=len(failed),
         ttft_ms=_percentiles(ttft),
@@ -182,11 +198,23 @@ def chat(model: str, client: int, n: int, extra: dict[str, Any] | None = None) -
 
 
 async def settle(url: str, model: str, extra: dict[str, Any] | None = None) -> None:
-    """Warm the server up and wait until work left from a previous level (cut-off requests) is done."""
+    """Warm the server up; on loraloop, also wait until nothing runs or waits, so that a window starts clean.
+
+    A request cut off at the end of a window should be cancelled at once, but if a server let it run on,
+    the next window would start with it still generating (found: a loraloop bug did, and the mixed-adapter
+    window's 32nd request waited ~15 s for a slot). Servers without loraloop's gauges are only warmed up."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         body = chat(model, 0, 0, extra) | {"max_tokens": 4}
         response = await http.post("/v1/chat/completions", json=body)
         response.raise_for_status()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            metrics = await http.get("/metrics")
+            busy = re.findall(r"^loraloop_(?:running_sequences|queue_depth) (\S+)$", metrics.text, re.M)
+            if metrics.status_code != 200 or not busy or not any(float(value) for value in busy):
+                return
+            await asyncio.sleep(0.2)
+        raise RuntimeError("the server still runs requests 120 s after the clients left")
 
 
 # -- server processes -----------------------------------------------------------------------------
@@ -451,12 +479,12 @@ def model_params() -> int:
 
 # -- scenarios ------------------------------------------------------------------------------------
 async def concurrency_levels(
-    url: str, model: str, levels: list[int], seconds: float, extra: dict[str, Any] | None = None
+    url: str, model: str, levels: list[int], seconds: float, warmup: float, extra: dict[str, Any] | None = None
 ) -> list[Level]:
     results = []
     for clients in levels:
         await settle(url, model, extra)
-        level, _ = await run_level(url, clients, seconds, lambda i, n: chat(model, i, n, extra))
+        level, _ = await run_level(url, clients, seconds, lambda i, n: chat(model, i, n, extra), warmup=warmup)
         print(f"    {clients:>3} clients: {level.tok_s:7.1f} tok/s  ttft p50 {level.ttft_ms['p50']} ms  "
               f"itl p50 {level.itl_ms['p50']} ms  failed {level.failed}", flush=True)  # fmt: skip
         results.append(level)
@@ -507,7 +535,12 @@ async def hot_swap(url: str, db_url: str, seconds: float) -> dict[str, Any]:
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="loraloop-bench-"))
     levels = [int(c) for c in args.concurrency.split(",")]
-    report: dict[str, Any] = {"max_tokens": MAX_TOKENS, "seconds_per_level": args.seconds, "engines": {}}
+    report: dict[str, Any] = {
+        "max_tokens": MAX_TOKENS,
+        "seconds_per_level": args.seconds,
+        "warmup_seconds": args.warmup,
+        "engines": {},
+    }
     print("machine ceilings ...", flush=True)
     report["machine"] = machine_ceilings()
     report["serving_dtype"] = serving_dtype()
@@ -519,7 +552,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         print("baseline A: transformers + PEFT generate, one request at a time", flush=True)
         command = [sys.executable, str(Path(__file__).resolve()), "--serve-hf", "{port}", str(adapter_v1)]
         with server_process(command, "/", work / "hf.log") as (url, process):
-            runs = await concurrency_levels(url, "default", levels, args.seconds)
+            runs = await concurrency_levels(url, "default", levels, args.seconds, args.warmup)
             report["engines"]["A: transformers+PEFT"] = {"levels": runs, "peak_rss_mib": _peak_rss_mib(process.pid)}
 
     if args.llama_cpp:
@@ -552,12 +585,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
     command = [str(VENV_BIN / "loraloop"), "serve", "--port", "{port}"]
     with server_process(command, "/ready", work / "loraloop.log", env) as (url, process):
-        engine: dict[str, Any] = {"levels": await concurrency_levels(url, "default", levels, args.seconds)}
+        engine: dict[str, Any] = {"levels": await concurrency_levels(url, "default", levels, args.seconds, args.warmup)}
         print("  one pinned adapter vs eight mixed, 32 clients", flush=True)
         for name, model_of in (("single_adapter", lambda i: "default@1"), ("mixed_8_adapters", _mixed)):
             for client in range(8):  # load every adapter before the window: on-demand loads are not measured here
                 await settle(url, model_of(client))
-            level, _ = await run_level(url, 32, args.seconds, lambda i, n, m=model_of: chat(m(i), i, n))
+            level, _ = await run_level(
+                url, 32, args.seconds, lambda i, n, m=model_of: chat(m(i), i, n), warmup=args.warmup
+            )
             engine[name] = asdict(level)
             print(f"    {name}: {level.tok_s} tok/s, failed {level.failed}", flush=True)
         print("  hot-swap to default@9 in the middle of a 32-client run", flush=True)
@@ -582,7 +617,7 @@ async def _baseline(
     """One llama.cpp server's levels; a server that dies is reported as such and the benchmark goes on."""
     try:
         with server_process(command, ready_path, log_path) as (url, process):
-            runs = await concurrency_levels(url, "default", levels, args.seconds, extra)
+            runs = await concurrency_levels(url, "default", levels, args.seconds, args.warmup, extra)
             report["engines"][name] = {"levels": runs, "peak_rss_mib": _peak_rss_mib(process.pid)}
     except (RuntimeError, httpx.HTTPError) as exc:
         print(f"  {name} failed: {str(exc)[-300:]}", flush=True)
@@ -607,7 +642,8 @@ def _plain(value: Any) -> Any:
 def summarise(report: dict[str, Any]) -> str:
     engines = report["engines"]
     levels = [lv["clients"] for lv in engines["loraloop"]["levels"]]
-    lines = ["", f"aggregate completion tok/s (max_tokens {MAX_TOKENS}, {report['seconds_per_level']} s per level)"]
+    window = f"{report['seconds_per_level']} s per level after a {report.get('warmup_seconds', 0)} s warm-up"
+    lines = ["", f"aggregate completion tok/s (max_tokens {MAX_TOKENS}, {window})"]
     header = (
         f"{'engine':<24}"
         + "".join(f"{c:>9} cl" for c in levels)
@@ -673,6 +709,9 @@ def main() -> None:
     parser.add_argument("--llama-cpp", action="store_true", help="also run both llama.cpp servers (built once)")
     parser.add_argument("--skip-baseline", action="store_true", help="skip baseline A (quicker engine iterations)")
     parser.add_argument("--seconds", type=float, default=20.0, help="measurement window per level")
+    parser.add_argument(
+        "--warmup", type=float, default=10.0, help="seconds before each window, clients arriving over them (0: none)"
+    )
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "loraloop-bench-serving.json")
     parser.add_argument("--serve-hf", nargs=2, metavar=("PORT", "ADAPTER_DIR"), help=argparse.SUPPRESS)
