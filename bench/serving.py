@@ -655,7 +655,11 @@ def summarise(report: dict[str, Any]) -> str:
         row = f"{name:<24}" + "".join(f"{runs[c]['tok_s']:>12.1f}" if c in runs else f"{'-':>12}" for c in levels)
 
         def lat(key: str, c: int, runs: dict[int, Any] = runs) -> str:
-            return f"{runs[c][key]['p50']:.0f}/{runs[c][key]['p99']:.0f}" if c in runs else "-"
+            """p50/p99; "-" where no request started in the window got its first token in it (a server that
+            answers one request at a time, with its queue longer than the window)."""
+            if c not in runs or math.isnan(runs[c][key]["p50"]):
+                return "-"
+            return f"{runs[c][key]['p50']:.0f}/{runs[c][key]['p99']:.0f}"
 
         lo, hi = levels[0], levels[-1]
         row += (
