@@ -203,8 +203,12 @@ class ChatService:
         started = time.perf_counter()
         outcome = _Outcome()
         async with self.adapters.lease(request.model, request.user) as target:
-            async for _ in self._generate(prepared, target, outcome, self._start(prepared, target)):
-                pass
+            chunks = self._start(prepared, target)
+            try:
+                async for _ in self._generate(prepared, target, outcome, chunks):
+                    pass
+            finally:  # a cancelled handler (server shutdown) stops its sequence now
+                await close_stream(chunks)
         await self._record(prepared, request, caller, target, outcome, started)
         usage = Usage(
             outcome.prompt_tokens, outcome.completion_tokens, outcome.prompt_tokens + outcome.completion_tokens
