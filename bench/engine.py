@@ -1,0 +1,224 @@
+"""The batched engine in-process against transformers' `generate`, side by side, on the CPU or a GPU.
+
+    flock /tmp/loraloop-cpu.lock .venv/bin/python bench/engine.py             # this machine, dtype auto
+    python bench/engine.py --device cuda --batch 1,32,128,256                 # a GPU machine
+    python bench/engine.py --device cuda --random-weights DIR                 # DIR: config.json + tokenizer only
+
+No HTTP and no server (`bench/serving.py` measures those): N requests go to one `BatchedEngine` at once,
+each generating exactly `--max-tokens` greedy tokens (EOS ignored), against `generate` on a static batch
+of the same N chat prompts (left padded), same weights, dtype and device, in the same run. Then the
+engine with 8 different adapters mixed in the batch against one adapter, and the correctness checks on
+that device: greedy tokens of the prompts run together equal each run alone, and in fp32 equal
+`generate` one request at a time. `--random-weights` builds the bundled model's architecture with
+random weights (for a machine without the weights; speed does not depend on their values).
+Prints a table and writes a JSON file (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.serving import MODEL_CACHE, PROMPTS  # noqa: E402
+from serving import base_model  # noqa: E402
+from serving.adapters.store import LoRAWeights, read_version, write_version  # noqa: E402
+from serving.engine.batched import BatchedEngine  # noqa: E402
+from serving.engine.lora import SERVABLE_MODULES  # noqa: E402
+from serving.engine.types import GenerationRequest, SamplingParams  # noqa: E402
+from serving.prompt import render_prompt  # noqa: E402
+
+
+def load(args: argparse.Namespace, work: Path) -> tuple[Path, Any, Any]:
+    """(model dir, model on the device in the dtype, tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = base_model.resolve_device(args.device)
+    dtype = base_model.resolve_dtype(args.dtype, device)
+    if args.random_weights:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.random_weights))
+        model_dir = work / "random-model"
+        model.save_pretrained(model_dir, safe_serialization=True)
+        AutoTokenizer.from_pretrained(args.random_weights).save_pretrained(model_dir)
+    else:
+        model_dir = base_model.prepare_bundled_model(MODEL_CACHE)
+    model = base_model.load_model(model_dir, device, dtype)
+    return model_dir, model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def make_adapters(model_dir: Path, work: Path, count: int) -> list[LoRAWeights]:
+    """`count` random rank-16 LoRAs on every servable projection, stored and read back as the server does."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=sorted(SERVABLE_MODULES), init_lora_weights=False)
+    peft_model = get_peft_model(base_model.load_model(model_dir, torch.device("cpu"), torch.float32), config)
+    out = []
+    for number in range(1, count + 1):
+        torch.manual_seed(number)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.normal_(0, 0.02)
+        source = work / "sources" / f"v{number}"
+        peft_model.save_pretrained(source, safe_serialization=True)
+        stored = write_version(work / "store", "default", number, source)
+        out.append(
+            read_version(
+                work / "store", stored.relative_path, stored.sha256, max_rank=32, allowed_modules=SERVABLE_MODULES
+            )
+        )
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+async def engine_run(
+    engine: BatchedEngine, prompts: list[list[int]], max_tokens: int, adapters: list[str | None]
+) -> tuple[float, list[list[int]]]:
+    """All prompts at once (the i-th on adapters[i % len]); (completion tok/s, each request's tokens)."""
+    greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+    async def one(i: int, prompt: list[int]) -> list[int]:
+        tokens: list[int] = []
+        request = GenerationRequest(f"r{i}", prompt, greedy, adapter_key=adapters[i % len(adapters)])
+        async for chunk in engine.generate(request):
+            tokens += chunk.token_ids
+        return tokens
+
+    start = time.perf_counter()
+    outputs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    seconds = time.perf_counter() - start
+    return sum(map(len, outputs)) / seconds, outputs
+
+
+def hf_run(model: Any, tokenizer: Any, prompts: list[list[int]], max_tokens: int) -> float:
+    """transformers' `generate` on one static, left-padded batch: completion tok/s."""
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    sync(model.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    sync(model.device)
+    return (out.shape[1] - width) * len(prompts) / (time.perf_counter() - start)
+
+
+def hf_alone(model: Any, prompt: list[int], max_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt], device=model.device),
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="loraloop-bench-engine-") as tmp:
+        work = Path(tmp)
+        model_dir, model, tokenizer = load(args, work)
+        batches = [int(b) for b in args.batch.split(",")]
+        chat = [render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+        prompts = [chat[i % len(chat)] for i in range(max(batches))]
+        report: dict[str, Any] = {
+            "device": str(model.device),
+            "device_name": torch.cuda.get_device_name(model.device)
+            if model.device.type == "cuda"
+            else platform.processor(),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "torch": torch.__version__,
+            "random_weights": bool(args.random_weights),
+            "max_tokens": args.max_tokens,
+            "levels": {},
+        }
+        engine = BatchedEngine(model, tokenizer, max_running=max(batches), max_batched_tokens=args.max_batched_tokens)
+        engine.eos_ids = frozenset()  # every request generates exactly max_tokens
+        await engine.start()
+        try:
+            adapters = make_adapters(model_dir, work, 8)
+            for i, weights in enumerate(adapters):
+                await engine.load_adapter(f"v{i + 1}", weights)
+            await engine_run(engine, prompts[:2], 8, [None])  # warm-up: first kernels, allocator
+            hf_run(model, tokenizer, prompts[:2], 8)
+            for n in batches:
+                base, _ = await engine_run(engine, prompts[:n], args.max_tokens, [None])
+                hf = hf_run(model, tokenizer, prompts[:n], args.max_tokens) if not args.skip_hf else float("nan")
+                report["levels"][n] = {"hf_generate": round(hf, 1), "loraloop": round(base, 1)}
+                print(f"batch {n}: generate {hf:.1f} tok/s, loraloop {base:.1f} tok/s", flush=True)
+            n = max(batches)
+            one, _ = await engine_run(engine, prompts[:n], args.max_tokens, ["v1"])
+            mixed, _ = await engine_run(engine, prompts[:n], args.max_tokens, [f"v{i + 1}" for i in range(8)])
+            report["adapters"] = {"batch": n, "one": round(one, 1), "mixed_8": round(mixed, 1), "ratio": mixed / one}
+            print(f"batch {n}: one adapter {one:.1f} tok/s, 8 mixed {mixed:.1f} tok/s", flush=True)
+            report["checks"] = await checks(engine, model, prompts[: len(chat)], args.check_tokens)
+        finally:
+            await engine.stop()
+        if model.device.type == "cuda":
+            report["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(model.device) / 2**20)
+        return report
+
+
+async def checks(engine: BatchedEngine, model: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """Greedy tokens together vs alone (base and mixed adapters); in fp32 also vs `generate` one at a time."""
+    mix = [None, "v1", "v2", "v3"]
+    out: dict[str, Any] = {}
+    for name, adapters in (("base", [None]), ("mixed", mix)):
+        alone = [
+            (await engine_run(engine, [p], max_tokens, [adapters[i % len(adapters)]]))[1][0]
+            for i, p in enumerate(prompts)
+        ]
+        _, together = await engine_run(engine, prompts, max_tokens, adapters)
+        same = sum(a == b for a, b in zip(alone, together, strict=True))
+        agree = sum(x == y for a, b in zip(alone, together, strict=True) for x, y in zip(a, b, strict=True))
+        out[name] = {"prompts": len(prompts), "identical": same, "token_agreement": agree / (len(prompts) * max_tokens)}
+        if name == "base":
+            reference = [hf_alone(model, p, max_tokens) for p in prompts]
+            out["base_vs_generate_identical"] = sum(a == b for a, b in zip(alone, reference, strict=True))
+    print(f"checks ({max_tokens} tokens): {json.dumps(out)}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--batch", default="1,32", help="concurrent requests per level, comma separated")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-batched-tokens", type=int, default=256)
+    parser.add_argument("--check-tokens", type=int, default=32)
+    parser.add_argument("--random-weights", type=Path, help="a dir with config.json and the tokenizer")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/loraloop-bench-engine.json"))
+    args = parser.parse_args()
+    report = asyncio.run(bench(args))
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
