@@ -6,7 +6,8 @@
 
 No HTTP and no server (`bench/serving.py` measures those): N requests go to one `BatchedEngine` at once,
 each generating exactly `--max-tokens` greedy tokens (EOS ignored), against `generate` on a static batch
-of the same N chat prompts (left padded), same weights, dtype and device, in the same run. Then the
+of the same N chat prompts (left padded), same weights, dtype and device, run by the same invocation in a
+process of its own (two OpenMP thread pools in one process slow each other down). Then the
 engine with 8 different adapters mixed in the batch against one adapter, and the correctness checks on
 that device: greedy tokens of the prompts run together equal each run alone, and in fp32 equal
 `generate` one request at a time. `--random-weights` builds the bundled model's architecture with
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import json
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,27 +37,35 @@ from bench.serving import MODEL_CACHE, PROMPTS  # noqa: E402
 from serving import base_model  # noqa: E402
 from serving.adapters.store import LoRAWeights, read_version, write_version  # noqa: E402
 from serving.engine.batched import BatchedEngine  # noqa: E402
+from serving.engine.cpu_threads import claim_cores, keep_this_thread_serial  # noqa: E402
 from serving.engine.lora import SERVABLE_MODULES  # noqa: E402
 from serving.engine.types import GenerationRequest, SamplingParams  # noqa: E402
 from serving.prompt import render_prompt  # noqa: E402
 
 
-def load(args: argparse.Namespace, work: Path) -> tuple[Path, Any, Any]:
-    """(model dir, model on the device in the dtype, tokenizer)."""
+def model_dir_for(args: argparse.Namespace, work: Path) -> Path:
+    """The bundled model's converted dir, or (`--random-weights`) its architecture with random weights."""
+    if not args.random_weights:
+        return base_model.prepare_bundled_model(MODEL_CACHE)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.random_weights))
+    model_dir = work / "random-model"
+    model.save_pretrained(model_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(args.random_weights).save_pretrained(model_dir)
+    return model_dir
+
+
+def load(args: argparse.Namespace, model_dir: Path) -> tuple[Any, Any, list[list[int]]]:
+    """(model on the device in the dtype, tokenizer, the chat prompts of the largest level)."""
+    from transformers import AutoTokenizer
+
     device = base_model.resolve_device(args.device)
-    dtype = base_model.resolve_dtype(args.dtype, device)
-    if args.random_weights:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.random_weights))
-        model_dir = work / "random-model"
-        model.save_pretrained(model_dir, safe_serialization=True)
-        AutoTokenizer.from_pretrained(args.random_weights).save_pretrained(model_dir)
-    else:
-        model_dir = base_model.prepare_bundled_model(MODEL_CACHE)
-    model = base_model.load_model(model_dir, device, dtype)
-    return model_dir, model, AutoTokenizer.from_pretrained(model_dir)
+    model = base_model.load_model(model_dir, device, base_model.resolve_dtype(args.dtype, device))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chat = [render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+    return model, tokenizer, [chat[i % len(chat)] for i in range(max(args.batches))]
 
 
 def make_adapters(model_dir: Path, work: Path, count: int) -> list[LoRAWeights]:
@@ -138,13 +148,22 @@ def hf_alone(model: Any, prompt: list[int], max_tokens: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
+def baseline(args: argparse.Namespace) -> dict[str, Any]:
+    """`--baseline-only`, in a process of its own: `generate` at each level, and the checks' references."""
+    claim_cores()
+    model, tokenizer, prompts = load(args, args.model_dir)
+    hf_run(model, tokenizer, prompts[:2], 8)  # warm-up
+    levels = {}
+    for n in args.batches:
+        levels[n] = hf_run(model, tokenizer, prompts[:n], args.max_tokens)
+        print(f"batch {n}: generate {levels[n]:.1f} tok/s", flush=True)
+    references = [hf_alone(model, p, args.check_tokens) for p in prompts[: len(PROMPTS)]]
+    return {"levels": levels, "references": references}
+
+
+async def bench(args: argparse.Namespace, baseline: dict[str, Any] | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="loraloop-bench-engine-") as tmp:
-        work = Path(tmp)
-        model_dir, model, tokenizer = load(args, work)
-        batches = [int(b) for b in args.batch.split(",")]
-        chat = [render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
-        prompts = [chat[i % len(chat)] for i in range(max(batches))]
+        model, tokenizer, prompts = load(args, args.model_dir)
         report: dict[str, Any] = {
             "device": str(model.device),
             "device_name": torch.cuda.get_device_name(model.device)
@@ -156,26 +175,27 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "max_tokens": args.max_tokens,
             "levels": {},
         }
-        engine = BatchedEngine(model, tokenizer, max_running=max(batches), max_batched_tokens=args.max_batched_tokens)
+        engine = BatchedEngine(
+            model, tokenizer, max_running=max(args.batches), max_batched_tokens=args.max_batched_tokens
+        )
         engine.eos_ids = frozenset()  # every request generates exactly max_tokens
         await engine.start()
         try:
-            adapters = make_adapters(model_dir, work, 8)
-            for i, weights in enumerate(adapters):
+            for i, weights in enumerate(make_adapters(args.model_dir, Path(tmp), 8)):
                 await engine.load_adapter(f"v{i + 1}", weights)
             await engine_run(engine, prompts[:2], 8, [None])  # warm-up: first kernels, allocator
-            hf_run(model, tokenizer, prompts[:2], 8)
-            for n in batches:
-                base, _ = await engine_run(engine, prompts[:n], args.max_tokens, [None])
-                hf = hf_run(model, tokenizer, prompts[:n], args.max_tokens) if not args.skip_hf else float("nan")
-                report["levels"][n] = {"hf_generate": round(hf, 1), "loraloop": round(base, 1)}
-                print(f"batch {n}: generate {hf:.1f} tok/s, loraloop {base:.1f} tok/s", flush=True)
-            n = max(batches)
+            for n in args.batches:
+                tok_s, _ = await engine_run(engine, prompts[:n], args.max_tokens, [None])
+                hf = baseline["levels"][n] if baseline else float("nan")
+                report["levels"][n] = {"hf_generate": round(hf, 1), "loraloop": round(tok_s, 1), "ratio": tok_s / hf}
+                print(f"batch {n}: loraloop {tok_s:.1f} tok/s, generate {hf:.1f}: {tok_s / hf:.2f}x", flush=True)
+            n = max(args.batches)
             one, _ = await engine_run(engine, prompts[:n], args.max_tokens, ["v1"])
             mixed, _ = await engine_run(engine, prompts[:n], args.max_tokens, [f"v{i + 1}" for i in range(8)])
             report["adapters"] = {"batch": n, "one": round(one, 1), "mixed_8": round(mixed, 1), "ratio": mixed / one}
-            print(f"batch {n}: one adapter {one:.1f} tok/s, 8 mixed {mixed:.1f} tok/s", flush=True)
-            report["checks"] = await checks(engine, model, prompts[: len(chat)], args.check_tokens)
+            print(f"batch {n}: one adapter {one:.1f} tok/s, 8 mixed {mixed:.1f}: {mixed / one:.2f}x", flush=True)
+            references = baseline["references"] if baseline else None
+            report["checks"] = await checks(engine, prompts[: len(PROMPTS)], args.check_tokens, references)
         finally:
             await engine.stop()
         if model.device.type == "cuda":
@@ -183,8 +203,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         return report
 
 
-async def checks(engine: BatchedEngine, model: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-    """Greedy tokens together vs alone (base and mixed adapters); in fp32 also vs `generate` one at a time."""
+async def checks(
+    engine: BatchedEngine, prompts: list[list[int]], max_tokens: int, references: list[list[int]] | None
+) -> dict[str, Any]:
+    """Greedy tokens together vs alone (base, and mixed adapters), and the base alone vs `generate` alone."""
     mix = [None, "v1", "v2", "v3"]
     out: dict[str, Any] = {}
     for name, adapters in (("base", [None]), ("mixed", mix)):
@@ -196,14 +218,17 @@ async def checks(engine: BatchedEngine, model: Any, prompts: list[list[int]], ma
         same = sum(a == b for a, b in zip(alone, together, strict=True))
         agree = sum(x == y for a, b in zip(alone, together, strict=True) for x, y in zip(a, b, strict=True))
         out[name] = {"prompts": len(prompts), "identical": same, "token_agreement": agree / (len(prompts) * max_tokens)}
-        if name == "base":
-            reference = [hf_alone(model, p, max_tokens) for p in prompts]
-            out["base_vs_generate_identical"] = sum(a == b for a, b in zip(alone, reference, strict=True))
+        if name == "base" and references is not None:
+            out["base_vs_generate_identical"] = sum(a == b for a, b in zip(alone, references, strict=True))
     print(f"checks ({max_tokens} tokens): {json.dumps(out)}", flush=True)
     return out
 
 
 def main() -> None:
+    # Before any tensor work: the engine's thread gets the cores, as in the server. A thread that has run
+    # parallel work keeps an OpenMP pool, and a second pool halved the engine's speed on a 2-core VM (single
+    # stream 20.6 against 39.1 tok/s), so the baseline runs in a process of its own.
+    keep_this_thread_serial()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -212,10 +237,35 @@ def main() -> None:
     parser.add_argument("--max-batched-tokens", type=int, default=256)
     parser.add_argument("--check-tokens", type=int, default=32)
     parser.add_argument("--random-weights", type=Path, help="a dir with config.json and the tokenizer")
-    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("/tmp/loraloop-bench-engine.json"))
     args = parser.parse_args()
-    report = asyncio.run(bench(args))
+    args.batches = [int(b) for b in args.batch.split(",")]
+    if args.baseline_only:
+        args.out.write_text(json.dumps(baseline(args)))
+        return
+    with tempfile.TemporaryDirectory(prefix="loraloop-bench-engine-") as tmp:
+        args.model_dir = model_dir_for(args, Path(tmp))
+        reference = None
+        if not args.skip_baseline:
+            out = Path(tmp) / "baseline.json"
+            command = [
+                sys.executable,
+                __file__,
+                "--baseline-only",
+                "--model-dir",
+                str(args.model_dir),
+                "--out",
+                str(out),
+            ]
+            for flag in ("device", "dtype", "batch", "max_tokens", "check_tokens"):
+                command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            subprocess.run(command, check=True)
+            reference = json.loads(out.read_text())
+            reference["levels"] = {int(n): v for n, v in reference["levels"].items()}
+        report = asyncio.run(bench(args, reference))
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
