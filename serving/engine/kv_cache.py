@@ -37,6 +37,7 @@ class KVCache:
         self.slots = slots
         self.capacity = capacity
         self.kv_heads = kv_heads
+        self.dtype = dtype
         shape = (slots, kv_heads, capacity, head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]

@@ -306,7 +306,7 @@ class _DecodeView:
     span: int
     length: int
     dense: bool  # rows are exactly slots 0..span-1, so no scatter is needed
-    mask: torch.Tensor  # [span, 1, 1, length] True where a row may attend
+    mask: torch.Tensor  # [span, 1, 1, length] 0 where a row may attend, -inf elsewhere
 
     @classmethod
     def build(cls, batch: StepBatch, cache: KVCache, device: torch.device) -> _DecodeView:
@@ -315,7 +315,10 @@ class _DecodeView:
         cache.ensure_finite(span, length)
         allowed = torch.ones(span, dtype=torch.long)  # slots without a decode row attend to position 0 only
         allowed[slots] = torch.tensor(lengths)
-        mask = torch.arange(length)[None, :] < allowed[:, None]
+        # Additive (0 / -inf) in the cache's dtype, built once a step: a boolean mask is converted by
+        # every layer's attention call.
+        mask = torch.zeros(span, length, dtype=cache.dtype)
+        mask.masked_fill_(torch.arange(length)[None, :] >= allowed[:, None], float("-inf"))
         slot_t = torch.tensor(slots)
         heads = cache.kv_heads
         write = (slot_t[:, None] * heads + torch.arange(heads)[None, :]) * cache.capacity
