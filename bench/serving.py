@@ -77,6 +77,8 @@ class Request:
     tokens: int = 0  # the server's usage count when it finished in the window, else chunks received in it
     failed: str | None = None
     fingerprint: str | None = None
+    answered: bool = False  # the server sent a response (status line) to it
+    retries: int = 0
 
 
 @dataclass
@@ -89,6 +91,7 @@ class Level:
     ttft_ms: dict[str, float]
     itl_ms: dict[str, float]
     errors: list[str]
+    retries: int = 0  # requests sent again after a kept-alive connection closed unanswered (see `_stream`)
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -100,14 +103,31 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 async def _stream(http: httpx.AsyncClient, payload: dict[str, Any], deadline: float) -> Request:
-    """One streamed chat request; cut off (the client hangs up) when the window closes."""
+    """One streamed chat request; cut off (the client hangs up) when the window closes.
+
+    A request that a server closed its kept-alive connection on before answering at all is sent once more on
+    a new connection, as browsers do: llama-server closed one in four of them at one client (httpx:
+    "Server disconnected without sending a response"). Such a server never saw the request; one that
+    dies fails the second try too. The retries are counted."""
     request = Request(started=time.perf_counter())
+    try:
+        await _stream_once(http, payload, deadline, request)
+    except httpx.RemoteProtocolError as exc:
+        if request.answered or "without sending a response" not in str(exc):
+            raise
+        request.retries += 1
+        await _stream_once(http, payload, deadline, request)
+    return request
+
+
+async def _stream_once(http: httpx.AsyncClient, payload: dict[str, Any], deadline: float, request: Request) -> None:
     body = payload | {"stream": True, "stream_options": {"include_usage": True}}
     try:
         async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            request.answered = True
             if response.status_code != 200:
                 request.failed = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return request
+                return
             finished = False
             async for line in response.aiter_lines():
                 finished = finished or line == "data: [DONE]"
@@ -126,11 +146,14 @@ async def _stream(http: httpx.AsyncClient, payload: dict[str, Any], deadline: fl
                 request.tokens = request.tokens or len(request.chunk_times)
                 if not finished:  # the server ended the stream early (a failed step): not a finished answer
                     request.failed = "stream ended without [DONE]"
-                return request
+                return
+    except httpx.RemoteProtocolError as exc:
+        if not request.answered and not request.retries:
+            raise  # `_stream` decides
+        request.failed = f"RemoteProtocolError: {exc}"
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         request.failed = f"{type(exc).__name__}: {exc}"
     request.tokens = len(request.chunk_times)  # cut off: what arrived in the window
-    return request
 
 
 async def run_level(
@@ -187,6 +210,7 @@ async def run_level(
         ttft_ms=_percentiles(ttft),
         itl_ms=_percentiles(itl),
         errors=sorted({r.failed for r in failed if r.failed})[:5],
+        retries=sum(r.retries for r in done),
     )
     return level, done
 
@@ -477,6 +501,21 @@ def model_params() -> int:
     return total
 
 
+# `python -m llama_cpp.server` with the model loaded as llama-server's `--no-repack` loads it: on an AMX CPU
+# the pip build's repacked (AMX) weights crashed the server at its first request (exit 139, 2026-12-04).
+_PIP_SERVER_WITHOUT_REPACK = """
+import runpy
+import llama_cpp.llama_cpp as bindings
+defaults = bindings.llama_model_default_params
+def without_repack():
+    params = defaults()
+    params.use_extra_bufts = False
+    return params
+bindings.llama_model_default_params = without_repack
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+
+
 # -- scenarios ------------------------------------------------------------------------------------
 async def concurrency_levels(
     url: str, model: str, levels: list[int], seconds: float, warmup: float, extra: dict[str, Any] | None = None
@@ -486,7 +525,8 @@ async def concurrency_levels(
         await settle(url, model, extra)
         level, _ = await run_level(url, clients, seconds, lambda i, n: chat(model, i, n, extra), warmup=warmup)
         print(f"    {clients:>3} clients: {level.tok_s:7.1f} tok/s  ttft p50 {level.ttft_ms['p50']} ms  "
-              f"itl p50 {level.itl_ms['p50']} ms  failed {level.failed}", flush=True)  # fmt: skip
+              f"itl p50 {level.itl_ms['p50']} ms  failed {level.failed}  retried {level.retries}",
+              flush=True)  # fmt: skip
         results.append(level)
     await settle(url, model, extra)
     return results
@@ -566,7 +606,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         # --no-repack: on this AMX CPU the repacked weights' matmul (ggml_backend_amx_mul_mat) segfaulted at once.
         print("baseline B: native llama-server (-t 2 -np 32)", flush=True)
         await _baseline(report, "B: llama-server", native, "/health", work / "llama-server.log", levels, args, greedy)
-        pip_server = [str(python), "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
+        pip_server = [str(python), "-c", _PIP_SERVER_WITHOUT_REPACK, "--model", gguf, "--host", "127.0.0.1",
                       "--port", "{port}", "--n_threads", "1", "--n_threads_batch", "1", "--n_ctx", "2048",
                       "--verbose", "False"]  # fmt: skip
         print("baseline B: llama-cpp-python server (n_threads 1)", flush=True)
