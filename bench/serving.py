@@ -12,9 +12,10 @@ start-up wave of N prompts at once is not what a level measures. Engines:
 - A: plain transformers + PEFT `generate` with a streamer, one request at a time, behind a minimal
   threaded HTTP server (this file, `--serve-hf`), same adapter and dtype as loraloop;
 - B (opt-in `--llama-cpp`): the pip `llama-cpp-python[server]` (n_threads 1, its faster setting on 2
-  cores) and the native `llama-server` built with cmake from that sdist's vendored llama.cpp
-  (`-t 2 -np 32`, continuous batching), on the bundled GGUF (Q4_1, base model: no adapter), with
-  `repeat_penalty` 1.0 so greedy means greedy. Built once into ~/.cache/loraloop/llama.cpp;
+  cores; one request at a time, the others queued) and the native `llama-server` built with cmake from
+  that sdist's vendored llama.cpp (`-t 2 -np 32`, continuous batching), on the bundled GGUF (Q4_1, base
+  model: no adapter), with `repeat_penalty` 1.0 so greedy means greedy. Built once into
+  ~/.cache/loraloop/llama.cpp;
 - loraloop: `loraloop serve` on a temporary data dir, with nine random rank-16 adapter versions of
   `default` registered (v1 active).
 
@@ -608,7 +609,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         await _baseline(report, "B: llama-server", native, "/health", work / "llama-server.log", levels, args, greedy)
         pip_server = [str(python), "-c", _PIP_SERVER_WITHOUT_REPACK, "--model", gguf, "--host", "127.0.0.1",
                       "--port", "{port}", "--n_threads", "1", "--n_threads_batch", "1", "--n_ctx", "2048",
-                      "--verbose", "False"]  # fmt: skip
+                      "--verbose", "False", "--interrupt_requests", "False"]  # fmt: skip
+        # interrupt_requests (on by default) ends the running answer whenever another request arrives: with
+        # 4 or more clients every answer was cut off after a token or two (0 tok/s). Off, requests queue.
         print("baseline B: llama-cpp-python server (n_threads 1)", flush=True)
         await _baseline(report, "B: llama-cpp-python", pip_server, "/v1/models", work / "llama-cpp-python.log",
                         levels, args, greedy)  # fmt: skip
