@@ -190,6 +190,11 @@ async def bench(args: argparse.Namespace, baseline: dict[str, Any] | None) -> di
                 report["levels"][n] = {"hf_generate": round(hf, 1), "loraloop": round(tok_s, 1), "ratio": tok_s / hf}
                 print(f"batch {n}: loraloop {tok_s:.1f} tok/s, generate {hf:.1f}: {tok_s / hf:.2f}x", flush=True)
             n = max(args.batches)
+            # One adapter is merged into the weights after `merge_after_steps` steps of it alone (the steady state
+            # of a server whose traffic uses one version): let that happen before the measured run.
+            await engine_run(engine, prompts[:n], 2 * engine.merge_after_steps, ["v1"])
+            while engine.merging:
+                await asyncio.sleep(0.05)
             one, _ = await engine_run(engine, prompts[:n], args.max_tokens, ["v1"])
             mixed, _ = await engine_run(engine, prompts[:n], args.max_tokens, [f"v{i + 1}" for i in range(8)])
             report["adapters"] = {"batch": n, "one": round(one, 1), "mixed_8": round(mixed, 1), "ratio": mixed / one}
