@@ -107,17 +107,18 @@ async def _stream(http: httpx.AsyncClient, payload: dict[str, Any], deadline: fl
     """One streamed chat request; cut off (the client hangs up) when the window closes.
 
     A request that a server closed its kept-alive connection on before answering at all is sent once more on
-    a new connection, as browsers do: llama-server closed one in four of them at one client (httpx:
+    a new connection, as browsers do: llama-server closed about one in four at one client (httpx:
     "Server disconnected without sending a response"). Such a server never saw the request; one that
     dies fails the second try too. The retries are counted."""
     request = Request(started=time.perf_counter())
     try:
         await _stream_once(http, payload, deadline, request)
-    except httpx.RemoteProtocolError as exc:
-        if request.answered or "without sending a response" not in str(exc):
-            raise
-        request.retries += 1
-        await _stream_once(http, payload, deadline, request)
+    except httpx.RemoteProtocolError as exc:  # raised only before any answer, on the first try
+        if "without sending a response" in str(exc):
+            request.retries += 1
+            await _stream_once(http, payload, deadline, request)
+        else:
+            request.failed = f"RemoteProtocolError: {exc}"
     return request
 
 
@@ -502,8 +503,9 @@ def model_params() -> int:
     return total
 
 
-# `python -m llama_cpp.server` with the model loaded as llama-server's `--no-repack` loads it: on an AMX CPU
-# the pip build's repacked (AMX) weights crashed the server at its first request (exit 139, 2026-12-04).
+# `python -m llama_cpp.server` with the model loaded as llama-server's `--no-repack` loads it (no extra weight
+# buffers: the repacked and AMX layouts). On an AMX VM the pip server crashed at its first request otherwise
+# (exit 139, 2026-12-04), as llama-server did without `--no-repack`.
 _PIP_SERVER_WITHOUT_REPACK = """
 import runpy
 import llama_cpp.llama_cpp as bindings
