@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.serving import MODEL_CACHE, PROMPTS  # noqa: E402
+from bench.serving import MODEL_CACHE, PROMPTS, save_random_adapters  # noqa: E402
 from serving import base_model  # noqa: E402
 from serving.adapters.store import LoRAWeights, read_version, write_version  # noqa: E402
 from serving.engine.batched import BatchedEngine  # noqa: E402
@@ -41,6 +41,7 @@ from serving.engine.cpu_threads import claim_cores, keep_this_thread_serial  # n
 from serving.engine.lora import SERVABLE_MODULES  # noqa: E402
 from serving.engine.types import GenerationRequest, SamplingParams  # noqa: E402
 from serving.prompt import render_prompt  # noqa: E402
+from tests.helpers import greedy_reference  # noqa: E402
 
 
 def model_dir_for(args: argparse.Namespace, work: Path) -> Path:
@@ -70,19 +71,8 @@ def load(args: argparse.Namespace, model_dir: Path) -> tuple[Any, Any, list[list
 
 def make_adapters(model_dir: Path, work: Path, count: int) -> list[LoRAWeights]:
     """`count` random rank-16 LoRAs on every servable projection, stored and read back as the server does."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=16, lora_alpha=32, target_modules=sorted(SERVABLE_MODULES), init_lora_weights=False)
-    peft_model = get_peft_model(base_model.load_model(model_dir, torch.device("cpu"), torch.float32), config)
     out = []
-    for number in range(1, count + 1):
-        torch.manual_seed(number)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_" in name:
-                    param.normal_(0, 0.02)
-        source = work / "sources" / f"v{number}"
-        peft_model.save_pretrained(source, safe_serialization=True)
+    for number, source in enumerate(save_random_adapters(model_dir, work / "sources", count), start=1):
         stored = write_version(work / "store", "default", number, source)
         out.append(
             read_version(
@@ -137,17 +127,6 @@ def hf_run(model: Any, tokenizer: Any, prompts: list[list[int]], max_tokens: int
     return (out.shape[1] - width) * len(prompts) / (time.perf_counter() - start)
 
 
-def hf_alone(model: Any, prompt: list[int], max_tokens: int) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([prompt], device=model.device),
-            max_new_tokens=max_tokens,
-            min_new_tokens=max_tokens,
-            do_sample=False,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 def baseline(args: argparse.Namespace) -> dict[str, Any]:
     """`--baseline-only`, in a process of its own: `generate` at each level, and the checks' references."""
     claim_cores()
@@ -157,7 +136,7 @@ def baseline(args: argparse.Namespace) -> dict[str, Any]:
     for n in args.batches:
         levels[n] = hf_run(model, tokenizer, prompts[:n], args.max_tokens)
         print(f"batch {n}: generate {levels[n]:.1f} tok/s", flush=True)
-    references = [hf_alone(model, p, args.check_tokens) for p in prompts[: len(PROMPTS)]]
+    references = [greedy_reference(model, p, args.check_tokens) for p in prompts[: len(PROMPTS)]]
     return {"levels": levels, "references": references}
 
 

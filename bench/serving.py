@@ -397,31 +397,41 @@ def ensure_llama_cpp() -> tuple[Path, Path]:
 
 
 # -- loraloop: a data dir with nine adapter versions ----------------------------------------------
-def prepare_loraloop(data_dir: Path, versions: int = 9) -> tuple[str, Path]:
-    """Migrate a fresh SQLite DB and register `versions` random rank-16 adapters of `default` (v1 active)."""
+def save_random_adapters(model_dir: Path, out_dir: Path, versions: int) -> list[Path]:
+    """`versions` random rank-16 LoRAs on every servable projection, saved as PEFT saves trained ones
+    (`out_dir/v1`, ...): a real but gentle change each, answers differ and text stays text."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from feedback import migrate
     from serving import base_model
     from serving.engine.lora import SERVABLE_MODULES
+
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=sorted(SERVABLE_MODULES), init_lora_weights=False)
+    model = get_peft_model(base_model.load_model(model_dir, torch.device("cpu"), torch.float32), config)
+    sources = []
+    for number in range(1, versions + 1):
+        torch.manual_seed(number)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.normal_(0, 0.02)
+        sources.append(out_dir / f"v{number}")
+        model.save_pretrained(sources[-1], safe_serialization=True)
+    return sources
+
+
+def prepare_loraloop(data_dir: Path, versions: int = 9) -> tuple[str, Path]:
+    """Migrate a fresh SQLite DB and register `versions` random rank-16 adapters of `default` (v1 active)."""
+    from feedback import migrate
+    from serving import base_model
     from tests.helpers import publish_adapter
 
     url = f"sqlite:///{data_dir / 'loraloop.db'}"
     data_dir.mkdir(parents=True)
     migrate.upgrade(url)
     model_dir = base_model.prepare_bundled_model(MODEL_CACHE)
-    targets = sorted(SERVABLE_MODULES)
-    config = LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False)
-    model = get_peft_model(base_model.load_model(model_dir, torch.device("cpu"), torch.float32), config)
-    for number in range(1, versions + 1):
-        torch.manual_seed(number)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_" in name:
-                    param.normal_(0, 0.02)  # a real but gentle change: answers differ, text stays text
-        source = data_dir / "sources" / f"v{number}"
-        model.save_pretrained(source, safe_serialization=True)
+    sources = save_random_adapters(model_dir, data_dir / "sources", versions)
+    for number, source in enumerate(sources, start=1):
         publish_adapter(
             url,
             data_dir / "adapters",
@@ -431,7 +441,7 @@ def prepare_loraloop(data_dir: Path, versions: int = 9) -> tuple[str, Path]:
             promote=number == 1,
             actor="bench",
         )
-    return url, data_dir / "sources" / "v1"
+    return url, sources[0]
 
 
 def promote(url: str, number: int) -> None:

@@ -52,7 +52,9 @@ def make_tiny_model(tokenizer_dir: Path, out_dir: Path) -> Path:
 
 def greedy_reference(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
     """Exactly `n` greedy tokens from transformers' own `generate`: what an engine's output is held against."""
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    out = model.generate(
+        torch.tensor([prompt], device=model.device), max_new_tokens=n, min_new_tokens=n, do_sample=False
+    )
     return out[0, len(prompt) :].tolist()
 
 
