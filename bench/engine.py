@@ -140,51 +140,48 @@ def baseline(args: argparse.Namespace) -> dict[str, Any]:
     return {"levels": levels, "references": references}
 
 
-async def bench(args: argparse.Namespace, baseline: dict[str, Any] | None) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="loraloop-bench-engine-") as tmp:
-        model, tokenizer, prompts = load(args, args.model_dir)
-        report: dict[str, Any] = {
-            "device": str(model.device),
-            "device_name": torch.cuda.get_device_name(model.device)
-            if model.device.type == "cuda"
-            else platform.processor(),
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "torch": torch.__version__,
-            "random_weights": bool(args.random_weights),
-            "max_tokens": args.max_tokens,
-            "levels": {},
-        }
-        engine = BatchedEngine(
-            model, tokenizer, max_running=max(args.batches), max_batched_tokens=args.max_batched_tokens
-        )
-        engine.eos_ids = frozenset()  # every request generates exactly max_tokens
-        await engine.start()
-        try:
-            for i, weights in enumerate(make_adapters(args.model_dir, Path(tmp), 8)):
-                await engine.load_adapter(f"v{i + 1}", weights)
-            await engine_run(engine, prompts[:2], 8, [None])  # warm-up: first kernels, allocator
-            for n in args.batches:
-                tok_s, _ = await engine_run(engine, prompts[:n], args.max_tokens, [None])
-                hf = baseline["levels"][n] if baseline else float("nan")
-                report["levels"][n] = {"hf_generate": round(hf, 1), "loraloop": round(tok_s, 1), "ratio": tok_s / hf}
-                print(f"batch {n}: loraloop {tok_s:.1f} tok/s, generate {hf:.1f}: {tok_s / hf:.2f}x", flush=True)
-            n = max(args.batches)
-            # One adapter is merged into the weights after `merge_after_steps` steps of it alone (the steady state
-            # of a server whose traffic uses one version): let that happen before the measured run.
-            await engine_run(engine, prompts[:n], 2 * engine.merge_after_steps, ["v1"])
-            while engine.merging:
-                await asyncio.sleep(0.05)
-            one, _ = await engine_run(engine, prompts[:n], args.max_tokens, ["v1"])
-            mixed, _ = await engine_run(engine, prompts[:n], args.max_tokens, [f"v{i + 1}" for i in range(8)])
-            report["adapters"] = {"batch": n, "one": round(one, 1), "mixed_8": round(mixed, 1), "ratio": mixed / one}
-            print(f"batch {n}: one adapter {one:.1f} tok/s, 8 mixed {mixed:.1f}: {mixed / one:.2f}x", flush=True)
-            references = baseline["references"] if baseline else None
-            report["checks"] = await checks(engine, prompts[: len(PROMPTS)], args.check_tokens, references)
-        finally:
-            await engine.stop()
-        if model.device.type == "cuda":
-            report["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(model.device) / 2**20)
-        return report
+async def bench(args: argparse.Namespace, work: Path, baseline: dict[str, Any] | None) -> dict[str, Any]:
+    model, tokenizer, prompts = load(args, args.model_dir)
+    report: dict[str, Any] = {
+        "device": str(model.device),
+        "device_name": torch.cuda.get_device_name(model.device)
+        if model.device.type == "cuda"
+        else platform.processor(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "random_weights": bool(args.random_weights),
+        "max_tokens": args.max_tokens,
+        "levels": {},
+    }
+    engine = BatchedEngine(model, tokenizer, max_running=max(args.batches), max_batched_tokens=args.max_batched_tokens)
+    engine.eos_ids = frozenset()  # every request generates exactly max_tokens
+    await engine.start()
+    try:
+        for i, weights in enumerate(make_adapters(args.model_dir, work, 8)):
+            await engine.load_adapter(f"v{i + 1}", weights)
+        await engine_run(engine, prompts[:2], 8, [None])  # warm-up: first kernels, allocator
+        for n in args.batches:
+            tok_s, _ = await engine_run(engine, prompts[:n], args.max_tokens, [None])
+            hf = baseline["levels"][n] if baseline else float("nan")
+            report["levels"][n] = {"hf_generate": round(hf, 1), "loraloop": round(tok_s, 1), "ratio": tok_s / hf}
+            print(f"batch {n}: loraloop {tok_s:.1f} tok/s, generate {hf:.1f}: {tok_s / hf:.2f}x", flush=True)
+        n = max(args.batches)
+        # One adapter is merged into the weights after `merge_after_steps` steps of it alone (the steady state
+        # of a server whose traffic uses one version): let that happen before the measured run.
+        await engine_run(engine, prompts[:n], 2 * engine.merge_after_steps, ["v1"])
+        while engine.merging:
+            await asyncio.sleep(0.05)
+        one, _ = await engine_run(engine, prompts[:n], args.max_tokens, ["v1"])
+        mixed, _ = await engine_run(engine, prompts[:n], args.max_tokens, [f"v{i + 1}" for i in range(8)])
+        report["adapters"] = {"batch": n, "one": round(one, 1), "mixed_8": round(mixed, 1), "ratio": mixed / one}
+        print(f"batch {n}: one adapter {one:.1f} tok/s, 8 mixed {mixed:.1f}: {mixed / one:.2f}x", flush=True)
+        references = baseline["references"] if baseline else None
+        report["checks"] = await checks(engine, prompts[: len(PROMPTS)], args.check_tokens, references)
+    finally:
+        await engine.stop()
+    if model.device.type == "cuda":
+        report["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(model.device) / 2**20)
+    return report
 
 
 async def checks(
@@ -249,7 +246,7 @@ def main() -> None:
             subprocess.run(command, check=True)
             reference = json.loads(out.read_text())
             reference["levels"] = {int(n): v for n, v in reference["levels"].items()}
-        report = asyncio.run(bench(args, reference))
+        report = asyncio.run(bench(args, Path(tmp), reference))
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
