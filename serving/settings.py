@@ -77,6 +77,12 @@ class Settings(BaseSettings):
         description="When every running sequence has used the same adapter for this many steps, fold it into a "
         "copy of the weights (one more copy of the projections in memory) so those steps skip LoRA; 0 = never.",
     )
+    q4_small_steps: bool = Field(
+        True,
+        description="CPU, bf16: projections whose weights are 4-bit grids (the bundled Q4_1 model's) also keep "
+        "that 4-bit form, read by steps of a few tokens (a quarter of the bytes; the row limit is timed at "
+        "start-up). Same weights, bf16-sized rounding differences; false: always the bf16 weights.",
+    )
     response_cache_entries: int = Field(
         0,
         ge=0,

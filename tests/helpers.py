@@ -8,6 +8,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from serving.engine.adapter_slots import AdapterSlots
+from serving.engine.kv_cache import KVCache
+from serving.engine.model import LeanLlama, PrefillChunk, StepBatch
+
 
 def make_random_adapter(
     model_dir: Path, out_dir: Path, *, rank: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj"), seed: int = 1
@@ -108,3 +112,43 @@ def publish_adapter(
             return version.id
     finally:
         engine.dispose()
+
+
+def step_logits(
+    lean: LeanLlama,
+    cache: KVCache,
+    adapters: AdapterSlots,
+    rows: list[tuple[int, list[int], int]],
+    adapter_slot: int = 0,
+) -> torch.Tensor:
+    """One step over `rows` = (KV slot, new tokens, cached positions before them): the last token's logits of each.
+
+    A row with one new token is a decode row, the others prompt chunks (decode rows first, as the engine
+    orders them). Every token uses the adapter in `adapter_slot` (0: the base model)."""
+    decode = [r for r in rows if len(r[1]) == 1 and r[2] > 0]
+    chunks = [r for r in rows if r not in decode]
+    tokens: list[int] = []
+    positions: list[int] = []
+    prefills, last = [], []
+    for _slot, new, start in decode:
+        last.append(len(tokens))
+        tokens += new
+        positions.append(start)
+    for slot, new, start in chunks:
+        prefills.append(PrefillChunk(slot, start, len(new), len(tokens)))
+        tokens += new
+        positions += range(start, start + len(new))
+        last.append(len(tokens) - 1)
+    batch = StepBatch(
+        token_ids=torch.tensor(tokens),
+        positions=torch.tensor(positions),
+        decode_slots=[slot for slot, _, _ in decode],
+        decode_lengths=[start + 1 for _, _, start in decode],
+        prefills=prefills,
+        logits_rows=torch.tensor(last),
+        adapters=adapters.plan([adapter_slot] * len(tokens), decode_rows=len(decode)),
+    )
+    logits = lean.forward(batch, cache, adapters)
+    for slot, new, start in rows:
+        cache.mark_written(slot, start + len(new))
+    return logits

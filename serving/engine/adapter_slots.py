@@ -8,7 +8,8 @@ Slot 0 is the base model and stays zero.
 
 Per step, tokens fall in one of three cases (chosen once per step, see `plan`):
 - no token uses an adapter: nothing to do;
-- every token uses the same slot: `y_m += (x @ A) @ B_m`;
+- every token uses the same slot: `y += (x @ A) @ B`, with the members' B as one block-diagonal matrix
+  (kept for the last such slot);
 - mixed: the tokens are grouped by slot (SGMV, as in Punica and S-LoRA). A prompt chunk is a run of
   tokens of one slot, so it takes one thin pair of matmuls on its slice of rows. The decode rows (one
   token per sequence) are grouped by slot and padded to one length, and all slots of their slot range
@@ -139,6 +140,8 @@ class AdapterSlots:
         self.a: dict[str, list[torch.Tensor]] = {}  # group -> per layer [slots, in, members * r]
         self.b: dict[str, list[list[torch.Tensor]]] = {}  # group -> per layer, per member [slots, r, out_m]
         self._groups_of: dict[int, frozenset[str]] = {}  # slot -> groups its adapter touches
+        # The last single-adapter slot's B per fused group as one block-diagonal matrix: (group, layer) -> B.
+        self._joint_b: dict[int, dict[tuple[str, int], torch.Tensor]] = {}
         self._module_shapes = {
             f"model.layers.{i}.{'self_attn' if g in ('qkv', 'o') else 'mlp'}.{name}": (shape.in_features, out)
             for i in range(layers)
@@ -166,6 +169,7 @@ class AdapterSlots:
                 self.a[g].append(a)
                 self.b[g].append(bs)
         self.rank = rank
+        self._joint_b = {}
 
     @torch.no_grad()
     def fill(self, slot: int, weights: LoRAWeights) -> None:
@@ -193,6 +197,7 @@ class AdapterSlots:
     @torch.no_grad()
     def clear(self, slot: int) -> None:
         self._groups_of.pop(slot, None)
+        self._joint_b = {}
         for g in self.a:
             for a, bs in zip(self.a[g], self.b[g], strict=True):
                 a[slot].zero_()
@@ -262,7 +267,7 @@ class AdapterSlots:
         a, bs = self.a[group][layer], self.b[group][layer]
         r = self.rank
         if plan.single is not None:
-            y.add_(self._one_slot(plan.single, a, bs, x))
+            y.add_((x.to(self.dtype) @ a[plan.single]) @ self._joint(plan.single, group, layer, bs))
             return
         if plan.padded is not None:
             p = plan.padded
@@ -279,6 +284,23 @@ class AdapterSlots:
                 y[rows].add_(self._one_slot(slot, a, bs, x[rows]))
             else:
                 y.index_add_(0, rows, self._one_slot(slot, a, bs, x.index_select(0, rows)).to(y.dtype))
+
+    def _joint(self, slot: int, group: str, layer: int, bs: list[torch.Tensor]) -> torch.Tensor:
+        """The slot's B for a whole fused group, block-diagonal `[members * r, out]`.
+
+        When one adapter serves a whole step, one matmul against this replaces a matmul per member and
+        the concatenation: at the few rows of a 4-bit step that is most of LoRA's cost (kernel count,
+        not arithmetic). Kept for one slot at a time (a block-diagonal B is 2-3x its members' bytes)."""
+        if len(bs) == 1:
+            return bs[0][slot]
+        joint = self._joint_b.get(slot)
+        if joint is None:
+            joint = self._joint_b = {slot: {}}  # replaces the previous slot's
+            joint = joint[slot]
+        key = (group, layer)
+        if key not in joint:
+            joint[key] = torch.block_diag(*(b[slot] for b in bs))
+        return joint[key]
 
     def _one_slot(self, slot: int, a: torch.Tensor, bs: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """LoRA_slot(x) for rows that all use `slot`: [rows, out], in the compute dtype."""

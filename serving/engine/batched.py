@@ -106,10 +106,11 @@ class BatchedEngine:
         max_context: int = 2048,
         threads: int = 0,
         merge_after_steps: int = 16,
+        q4_small_steps: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
         self.device = model.device
-        self.lean = LeanLlama(model, max_positions=max_context, batch_hint=max_running)
+        self.lean = LeanLlama(model, max_positions=max_context, batch_hint=max_running, q4_small_steps=q4_small_steps)
         self.cache = self.lean.new_cache(slots=max_running, capacity=max_context)
         self.adapter_slots = self.lean.new_adapter_slots(num_slots=max_loaded_adapters, max_rank=max_lora_rank)
         self.limits = SchedulerLimits(max_running, max_batched_tokens, max_waiting)

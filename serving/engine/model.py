@@ -11,7 +11,9 @@ dispatch per decode step here, more than the arithmetic. This module runs the sa
   cache's slot span (masked to each row's length), each prefill chunk in its own;
 - LoRA is added per token from adapter slots (see `adapter_slots`), so adapters mix freely; when
   every row of a step uses the same adapter and the engine has merged it (`merge_adapter`), the
-  step runs on projections with the adapter folded in (W + B·A) and pays nothing for LoRA.
+  step runs on projections with the adapter folded in (W + B·A) and pays nothing for LoRA;
+- a step of a few tokens, bound by reading the weights, runs on their 4-bit form where they are
+  4-bit grids (the bundled Q4_1 model: see `q4`), with any adapter added per token.
 
 It reproduces transformers' Llama numerics (RMSNorm in fp32, rotate-half RoPE from the model's own
 inverse frequencies and scaling) so greedy output in fp32 matches `generate` token for token, and
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import structlog
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
@@ -29,6 +32,9 @@ from transformers import PreTrainedModel
 from serving.engine.adapter_slots import GROUPS, AdapterPlan, AdapterSlots, GroupShape
 from serving.engine.kv_cache import KVCache
 from serving.engine.linear import FrozenLinear
+from serving.engine.q4 import Q4Weight, q4_kernel_works, rows_where_q4_pays
+
+log = structlog.get_logger(__name__)
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 
@@ -60,14 +66,17 @@ class StepBatch:
     adapters: AdapterPlan = field(default_factory=AdapterPlan)
 
 
+Projection = FrozenLinear | Q4Weight
+
+
 @dataclass
 class _Layer:
     input_norm: torch.Tensor
-    qkv: FrozenLinear
-    o: FrozenLinear
+    qkv: Projection
+    o: Projection
     post_norm: torch.Tensor
-    gate_up: FrozenLinear
-    down: FrozenLinear
+    gate_up: Projection
+    down: Projection
 
 
 def _check_supported(model: PreTrainedModel) -> None:
@@ -98,7 +107,17 @@ def _cat_bias(*modules: torch.nn.Linear) -> torch.Tensor | None:
 
 
 class LeanLlama:
-    def __init__(self, model: PreTrainedModel, *, max_positions: int, batch_hint: int = 32) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        max_positions: int,
+        batch_hint: int = 32,
+        q4_small_steps: bool = True,
+        q4_max_rows: int | None = None,
+    ) -> None:
+        """`q4_small_steps`: give projections that are 4-bit grids a 4-bit copy for steps of up to
+        `q4_max_rows` tokens (None: the most rows for which it is faster on this CPU, timed here)."""
         _check_supported(model)
         config = model.config
         self.device = model.device
@@ -140,6 +159,11 @@ class LeanLlama:
                     )
                 )
             self.norm = model.model.norm.weight.detach()
+            # Steps of up to `q4_rows` tokens run on `q4_layers` (see `q4`): 0 when the weights are not 4-bit grids.
+            self.q4_layers: list[_Layer] = []
+            self.q4_rows = 0
+            if q4_small_steps:
+                self._build_q4_layers(q4_max_rows)
             self.lm_head = FrozenLinear(model.lm_head.weight.detach(), model.lm_head.bias, batch_hint=batch_hint)
             # cos/sin for every position, computed like transformers (fp32, then the model dtype).
             rotary = model.model.rotary_emb
@@ -153,6 +177,32 @@ class LeanLlama:
             half = self.head_dim // 2
             self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
         self.max_positions = max_positions
+
+    def _build_q4_layers(self, max_rows: int | None) -> None:
+        if self.device.type != "cpu" or self.dtype != torch.bfloat16 or not q4_kernel_works():
+            return
+        layers, dense, q4, widths = [], [], [], []
+        for layer, sources in zip(self.layers, self._sources, strict=True):
+            projections = {}
+            for group in GROUPS:
+                base: FrozenLinear = getattr(layer, group)
+                four_bit = Q4Weight.from_grid(torch.cat(sources[group]), base.bias)
+                projections[group] = four_bit or base
+                if four_bit is not None:
+                    dense.append(base)
+                    q4.append(four_bit)
+                    widths.append(base.in_features)
+            layers.append(_Layer(input_norm=layer.input_norm, post_norm=layer.post_norm, **projections))
+        if not q4:
+            return
+        self.q4_rows = rows_where_q4_pays(dense, q4, widths) if max_rows is None else max_rows
+        log.info(
+            "4-bit projections for small steps",
+            projections=f"{len(q4)} of {len(self.layers) * len(GROUPS)}",
+            max_rows=self.q4_rows,
+        )
+        if self.q4_rows:
+            self.q4_layers = layers
 
     def group_shapes(self) -> dict[str, GroupShape]:
         kv = self.kv_heads * self.head_dim
@@ -242,7 +292,10 @@ class LeanLlama:
         prefill_masks = [_prefill_mask(chunk, self.device) for chunk in batch.prefills]
         plan = batch.adapters
         layers = self.layers
-        if plan.single is not None and plan.single == self.merged_slot:
+        if tokens <= self.q4_rows:
+            # Fewer bytes beat folding the adapter in: a merged copy is no 4-bit grid, so LoRA goes per row.
+            layers = self.q4_layers
+        elif plan.single is not None and plan.single == self.merged_slot:
             layers, plan = self.merged_layers, AdapterPlan()  # the adapter is in the weights
         q_dim, kv_dim = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
         for i, layer in enumerate(layers):

@@ -112,3 +112,21 @@ def test_a_cleared_slot_adds_nothing_and_merging_factors_match(slots) -> None:
     y = torch.zeros(2, SHAPES["down"].out_features)
     table.apply(plan, "down", 0, torch.ones(2, SHAPES["down"].in_features), y)
     assert torch.count_nonzero(y[1]) == 0 and torch.count_nonzero(y[0]) > 0
+
+
+def test_a_refilled_slot_s_single_adapter_steps_use_the_new_adapter(slots) -> None:
+    """A step of one adapter multiplies a block-diagonal B kept for that slot: a new adapter in the slot replaces it."""
+    table, loaded = slots
+    x = torch.randn(3, SHAPES["qkv"].in_features)
+
+    def single(slot: int) -> torch.Tensor:
+        y = torch.zeros(3, SHAPES["qkv"].out_features)
+        table.apply(table.plan([slot] * 3), "qkv", 1, x, y)
+        return y
+
+    torch.testing.assert_close(single(2)[0], _reference(loaded[2], "qkv", 1, x[0]), rtol=1e-5, atol=1e-4)
+    replacement = _weights(8, 7, ("q_proj", "k_proj"))
+    table.fill(2, replacement)
+    torch.testing.assert_close(single(2)[0], _reference(replacement, "qkv", 1, x[0]), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(single(1)[0], _reference(loaded[1], "qkv", 1, x[0]), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(single(2)[0], _reference(replacement, "qkv", 1, x[0]), rtol=1e-5, atol=1e-4)

@@ -28,11 +28,11 @@ from serving.api.app import build_runtime, create_app
 from serving.engine.adapter_slots import AdapterPlan
 from serving.engine.batched import BatchedEngine
 from serving.engine.lora import SERVABLE_MODULES
-from serving.engine.model import LeanLlama, PrefillChunk, StepBatch
+from serving.engine.model import LeanLlama
 from serving.engine.types import EngineOverloaded, GenerationChunk, GenerationRequest, SamplingParams
 from serving.prompt import render_prompt
 from serving.settings import Settings
-from tests.helpers import greedy_reference, make_random_adapter
+from tests.helpers import greedy_reference, make_random_adapter, step_logits
 
 QUESTIONS = ["Name three colours.", "What is the capital of France? Answer in one long sentence, please.", "Hi"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -128,39 +128,6 @@ async def test_mixed_adapters_in_one_batch_equal_each_alone(
     assert any(plan.mixed for plan in plans)  # rows of different adapters shared a forward pass
 
 
-def _step_logits(lean: LeanLlama, cache, adapters, rows: list[tuple[int, list[int], int]]) -> torch.Tensor:
-    """One step over `rows` = (KV slot, new tokens, cached positions before them): the last token's logits of each.
-
-    A row with one new token is a decode row, the others prompt chunks (decode rows first, as the engine
-    orders them)."""
-    decode = [r for r in rows if len(r[1]) == 1 and r[2] > 0]
-    chunks = [r for r in rows if r not in decode]
-    tokens: list[int] = []
-    positions: list[int] = []
-    prefills, last = [], []
-    for _slot, new, start in decode:
-        last.append(len(tokens))
-        tokens += new
-        positions.append(start)
-    for slot, new, start in chunks:
-        prefills.append(PrefillChunk(slot, start, len(new), len(tokens)))
-        tokens += new
-        positions += range(start, start + len(new))
-        last.append(len(tokens) - 1)
-    batch = StepBatch(
-        token_ids=torch.tensor(tokens),
-        positions=torch.tensor(positions),
-        decode_slots=[slot for slot, _, _ in decode],
-        decode_lengths=[start + 1 for _, _, start in decode],
-        prefills=prefills,
-        logits_rows=torch.tensor(last),
-    )
-    logits = lean.forward(batch, cache, adapters)
-    for slot, new, start in rows:
-        cache.mark_written(slot, start + len(new))
-    return logits
-
-
 def test_bf16_batched_logits_agree_with_one_at_a_time_within_tolerance(tiny_model_dir: Path, prompts) -> None:
     """bf16 sums depend on the batch's shape, so batched and alone are not identical; they agree to within
     BF16_LOGIT_TOLERANCE (absolute, on logits of order 1), prefill and decode alike."""
@@ -172,12 +139,12 @@ def test_bf16_batched_logits_agree_with_one_at_a_time_within_tolerance(tiny_mode
         cache = lean.new_cache(slots=len(prompts), capacity=256)
         out: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(prompts))}
         for group in groups:
-            logits = _step_logits(lean, cache, adapters, [(i, prompts[i], 0) for i in group])
+            logits = step_logits(lean, cache, adapters, [(i, prompts[i], 0) for i in group])
             for i, row in zip(group, logits, strict=True):
                 out[i].append(row)
             for step in range(6):
                 rows = [(i, [100 + step], len(prompts[i]) + step) for i in group]
-                for i, row in zip(group, _step_logits(lean, cache, adapters, rows), strict=True):
+                for i, row in zip(group, step_logits(lean, cache, adapters, rows), strict=True):
                     out[i].append(row)
         return out
 
