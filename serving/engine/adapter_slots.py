@@ -293,10 +293,9 @@ class AdapterSlots:
         not arithmetic). Kept for one slot at a time (a block-diagonal B is 2-3x its members' bytes)."""
         if len(bs) == 1:
             return bs[0][slot]
-        joint = self._joint_b.get(slot)
-        if joint is None:
-            joint = self._joint_b = {slot: {}}  # replaces the previous slot's
-            joint = joint[slot]
+        if slot not in self._joint_b:
+            self._joint_b = {slot: {}}  # replaces the previous slot's
+        joint = self._joint_b[slot]
         key = (group, layer)
         if key not in joint:
             joint[key] = torch.block_diag(*(b[slot] for b in bs))

@@ -62,7 +62,6 @@ class Q4Weight:
     packed: torch.Tensor  # the kernel's packed int4 layout of W's levels
     scales_and_zeros: torch.Tensor  # [in / 32, out, 2] in the activations' dtype
     bias: torch.Tensor | None
-    out_features: int
 
     @classmethod
     def from_grid(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Q4Weight | None:
@@ -86,7 +85,7 @@ class Q4Weight:
             )
         except RuntimeError:  # a shape the kernel does not take
             return None
-        return cls(packed, scales_and_zeros, bias, out_features)
+        return cls(packed, scales_and_zeros, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scales_and_zeros)
