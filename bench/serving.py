@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -504,6 +505,7 @@ def model_params() -> int:
     return sum(math.prod(shape) for shape in _weight_shapes().values())
 
 
+@functools.cache
 def _weight_shapes() -> dict[str, list[int]]:
     from safetensors import safe_open
 

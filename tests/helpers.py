@@ -8,8 +8,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from serving.adapters.store import LoRAWeights, read_version, write_version
 from serving.engine.adapter_slots import AdapterSlots
 from serving.engine.kv_cache import KVCache
+from serving.engine.lora import SERVABLE_MODULES
 from serving.engine.model import LeanLlama, PrefillChunk, StepBatch
 
 
@@ -27,6 +29,19 @@ def make_random_adapter(
                 param.normal_(0, 0.2)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def stored_random_adapter(
+    model_dir: Path, tmp_path: Path, number: int, targets: tuple[str, ...]
+) -> tuple[Path, LoRAWeights]:
+    """A random adapter of rank 4 x `number` (seed `number`) as PEFT saves it, and as the server reads it back from
+    the store (`default@number` under tmp_path/store): the saved dir and the verified weights."""
+    source = make_random_adapter(model_dir, tmp_path / f"src{number}", rank=4 * number, targets=targets, seed=number)
+    stored = write_version(tmp_path / "store", "default", number, source)
+    weights = read_version(
+        tmp_path / "store", stored.relative_path, stored.sha256, max_rank=32, allowed_modules=SERVABLE_MODULES
+    )
+    return source, weights
 
 
 def make_tiny_model(tokenizer_dir: Path, out_dir: Path) -> Path:

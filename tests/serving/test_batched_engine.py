@@ -23,7 +23,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from feedback.db import make_sync_engine, session_scope
 from feedback.models import Completion
-from serving.adapters.store import LoRAWeights, read_version, write_version
 from serving.api.app import build_runtime, create_app
 from serving.engine.adapter_slots import AdapterPlan
 from serving.engine.batched import BatchedEngine
@@ -32,7 +31,7 @@ from serving.engine.model import LeanLlama
 from serving.engine.types import EngineOverloaded, GenerationChunk, GenerationRequest, SamplingParams
 from serving.prompt import render_prompt
 from serving.settings import Settings
-from tests.helpers import greedy_reference, make_random_adapter, step_logits
+from tests.helpers import greedy_reference, step_logits, stored_random_adapter
 
 QUESTIONS = ["Name three colours.", "What is the capital of France? Answer in one long sentence, please.", "Hi"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -51,17 +50,6 @@ def tokenizer(tiny_model_dir: Path):
 @pytest.fixture
 def prompts(tokenizer) -> list[list[int]]:
     return [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
-
-
-def _adapter(tiny_model_dir: Path, tmp_path: Path, number: int, targets: tuple[str, ...]) -> tuple[Path, LoRAWeights]:
-    source = make_random_adapter(
-        tiny_model_dir, tmp_path / f"src{number}", rank=4 * number, targets=targets, seed=number
-    )
-    stored = write_version(tmp_path / "store", "default", number, source)
-    weights = read_version(
-        tmp_path / "store", stored.relative_path, stored.sha256, max_rank=32, allowed_modules=SERVABLE_MODULES
-    )
-    return source, weights
 
 
 async def _collect(engine: BatchedEngine, request: GenerationRequest) -> tuple[list[int], str, str]:
@@ -99,8 +87,8 @@ async def test_batched_greedy_equals_transformers_one_at_a_time(tiny_model_dir: 
 async def test_mixed_adapters_in_one_batch_equal_each_alone(
     tiny_model_dir: Path, tmp_path: Path, tokenizer, prompts
 ) -> None:
-    source1, weights1 = _adapter(tiny_model_dir, tmp_path, 1, ("q_proj", "v_proj", "down_proj"))
-    source2, weights2 = _adapter(tiny_model_dir, tmp_path, 2, tuple(sorted(SERVABLE_MODULES)))
+    source1, weights1 = stored_random_adapter(tiny_model_dir, tmp_path, 1, ("q_proj", "v_proj", "down_proj"))
+    source2, weights2 = stored_random_adapter(tiny_model_dir, tmp_path, 2, tuple(sorted(SERVABLE_MODULES)))
     prompt = prompts[0]
     expected = {
         None: greedy_reference(_model(tiny_model_dir), prompt, 12),
@@ -301,7 +289,7 @@ async def _collect_stream(stream) -> list[int]:
 async def test_unloading_an_adapter_in_use_waits_for_its_sequences(
     tiny_model_dir: Path, tmp_path: Path, tokenizer, prompts
 ) -> None:
-    source, weights = _adapter(tiny_model_dir, tmp_path, 1, ("q_proj", "v_proj"))
+    source, weights = stored_random_adapter(tiny_model_dir, tmp_path, 1, ("q_proj", "v_proj"))
     expected = greedy_reference(PeftModel.from_pretrained(_model(tiny_model_dir), source).eval(), prompts[0], 20)
     engine = await _started(BatchedEngine(_model(tiny_model_dir), tokenizer, max_loaded_adapters=1))
     try:
@@ -323,7 +311,7 @@ async def test_unloading_an_adapter_in_use_waits_for_its_sequences(
 async def test_an_adapter_every_row_uses_is_merged_into_the_weights_with_the_same_tokens(
     tiny_model_dir: Path, tmp_path: Path, tokenizer, prompts
 ) -> None:
-    source, weights = _adapter(tiny_model_dir, tmp_path, 2, tuple(sorted(SERVABLE_MODULES)))
+    source, weights = stored_random_adapter(tiny_model_dir, tmp_path, 2, tuple(sorted(SERVABLE_MODULES)))
     peft = PeftModel.from_pretrained(_model(tiny_model_dir), source).eval()
     expected = [greedy_reference(peft, prompt, 20) for prompt in prompts[:2]]
     engine = await _started(

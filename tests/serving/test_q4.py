@@ -10,12 +10,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from serving.adapters.store import read_version, write_version
 from serving.engine import q4
 from serving.engine.lora import SERVABLE_MODULES
 from serving.engine.model import LeanLlama
 from serving.engine.q4 import GROUP_SIZE, Q4Weight
-from tests.helpers import make_random_adapter, step_logits
+from tests.helpers import step_logits, stored_random_adapter
 
 pytestmark = pytest.mark.skipif(
     not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="this torch build has no CPU int4 kernel"
@@ -28,7 +27,7 @@ def test_the_start_up_probe_trusts_the_kernel() -> None:
 
 # Logits of order 1 (the tiny model's) through the 4-bit and the bf16 weights: both round in bf16, so they
 # agree to about what bf16 batched and alone agree to (BF16_LOGIT_TOLERANCE in test_batched_engine).
-Q4_LOGIT_TOLERANCE = 0.03  # observed: 0.004 on the base model, 0.014 with a rank-8 adapter on all projections
+Q4_LOGIT_TOLERANCE = 0.03  # observed: 0.004 on the base model, 0.010 with a rank-8 adapter on all projections
 
 
 def snap_to_q4_1(weight: torch.Tensor) -> torch.Tensor:
@@ -86,11 +85,7 @@ def test_small_steps_run_on_the_4_bit_form_and_agree_with_bf16(
     four_bit = LeanLlama(model, max_positions=64, q4_max_rows=2)
     dense = LeanLlama(model, max_positions=64, q4_small_steps=False)
     assert four_bit.q4_rows == 2 and len(four_bit.q4_layers) == model.config.num_hidden_layers
-    source = make_random_adapter(tiny_model_dir, tmp_path / "src", rank=8, targets=tuple(sorted(SERVABLE_MODULES)))
-    stored = write_version(tmp_path / "store", "default", 1, source)
-    weights = read_version(
-        tmp_path / "store", stored.relative_path, stored.sha256, max_rank=8, allowed_modules=SERVABLE_MODULES
-    )
+    _, weights = stored_random_adapter(tiny_model_dir, tmp_path, 2, tuple(sorted(SERVABLE_MODULES)))  # rank 8
     q4_calls: list[int] = []
     q4_forward = Q4Weight.__call__
     monkeypatch.setattr(Q4Weight, "__call__", lambda self, x: q4_calls.append(x.shape[0]) or q4_forward(self, x))
