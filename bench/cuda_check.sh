@@ -15,6 +15,19 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LORALOOP_MODEL_CACHE_DIR=/tmp/cache TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
 python3 -c "import torch, transformers, peft; print('versions', torch.__version__, transformers.__version__, peft.__version__)" || exit 1
+# The two ceilings, measured here: device-to-device copy (bytes read + written) and a large bf16 matmul.
+python3 -c "
+import time, torch
+def timed(f, n):
+    for _ in range(3): f()
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(n): f()
+    torch.cuda.synchronize(); return (time.perf_counter() - t) / n
+a = torch.randint(0, 255, (2**30,), dtype=torch.uint8, device='cuda'); b = torch.empty_like(a)
+x = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16); y = torch.randn_like(x)
+print(f'ceilings: copy {2 * 2**30 / timed(lambda: b.copy_(a), 20) / 1e12:.2f} TB/s, '
+      f'bf16 matmul {2 * 8192**3 / timed(lambda: x @ y, 10) / 1e12:.0f} TFLOP/s')
+" || exit 1
 start=$(date +%s)
 timeout "${FP32_S:-120}" python3 bench/engine.py --device cuda --dtype float32 --random-weights .gpu/model \
   --batch "${FP32_BATCH:-1,32}" --max-tokens 64 --out "$OUT/engine-fp32.json" 2>&1 | grep -v "Loading weights" | tail -40

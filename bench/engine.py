@@ -177,11 +177,36 @@ async def bench(args: argparse.Namespace, work: Path, baseline: dict[str, Any] |
         print(f"batch {n}: one adapter {one:.1f} tok/s, 8 mixed {mixed:.1f}: {mixed / one:.2f}x", flush=True)
         references = baseline["references"] if baseline else None
         report["checks"] = await checks(engine, prompts[: len(PROMPTS)], args.check_tokens, references)
+        if model.device.type == "cuda":
+            report["gpu_busy"] = {n: await gpu_busy(engine, prompts[:n]) for n in sorted({1, max(args.batches)})}
     finally:
         await engine.stop()
     if model.device.type == "cuda":
         report["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(model.device) / 2**20)
     return report
+
+
+async def gpu_busy(engine: BatchedEngine, prompts: list[list[int]], max_tokens: int = 32) -> dict[str, Any]:
+    """How much of a run's wall time the GPU spends in kernels, and kernels launched per generated token
+    step: an eager engine whose GPU sits idle between small kernels is bound by launching them."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        await engine_run(engine, prompts, max_tokens, [None])
+        wall_us = (time.perf_counter() - start) * 1e6
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    busy_us = sum(e.device_time_total for e in kernels)
+    out = {
+        "rows": len(prompts),
+        "wall_ms": round(wall_us / 1e3, 1),
+        "kernel_ms": round(busy_us / 1e3, 1),
+        "busy": round(busy_us / wall_us, 3),
+        "kernels_per_token_step": round(len(kernels) / max_tokens, 1),
+    }
+    print(f"gpu busy at {len(prompts)} rows: {json.dumps(out)}", flush=True)
+    return out
 
 
 async def checks(
