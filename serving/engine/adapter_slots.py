@@ -19,7 +19,13 @@ Per step, tokens fall in one of three cases (chosen once per step, see `plan`):
   nearly all decode rows, padding every other slot to its count would waste more than it saves;
   those steps run each slot's rows as a segment instead.)
 
-The factors live in `compute_dtype`, which need not be the model's: these are thin matmuls whose
+On a CPU where the C++ kernel builds (`lora_kernel`), decode rows take none of these paths: one call per
+group adds each row's own slot's LoRA (its A and B read once per chunk of its rows, fp32 sums), since
+the PyTorch ops above cost ~20 us each here whatever their size (a mixed 8-adapter step at 32 rows: ~23
+ms of them against ~38 ms for the whole base step). Prompt chunks keep their thin matmul pair: at
+dozens of rows of one slot PyTorch's GEMM is the faster one. Its factors stay in the model's dtype.
+
+Otherwise the factors live in `compute_dtype`, which need not be the model's: these are thin matmuls whose
 speed on a CPU depends on the kernel more than on the bytes, and a CPU whose bf16 matmul is no faster
 than fp32 (AVX512-BF16 without AMX) runs them faster in fp32. So on a CPU the engine times both once
 at start-up and keeps the faster; on CUDA it is the model's dtype.
@@ -39,6 +45,7 @@ import torch
 from serving.adapters.store import LoRAWeights
 from serving.engine.linear import best_seconds
 from serving.engine.lora import BASE_SLOT, lora_pairs
+from serving.engine.lora_kernel import KernelGroup, LoraKernel
 
 log = structlog.get_logger(__name__)
 
@@ -78,16 +85,18 @@ class PaddedGroups:
 @dataclass
 class AdapterPlan:
     """How this step applies LoRA: one `single` slot for all tokens, or the mixed case: decode rows
-    `padded`, and `segments` of one slot each (a slice of rows, or a set of rows by index)."""
+    `padded`, and `segments` of one slot each (a slice of rows, or a set of rows by index). With the
+    kernel, `per_token` holds the decode rows' slots (it then serves `single` steps' decode rows too)."""
 
     single: int | None = None
     padded: PaddedGroups | None = None
+    per_token: torch.Tensor | None = None
     segments: list[tuple[int, slice | torch.Tensor]] = field(default_factory=list)
     groups: frozenset[str] = frozenset()
 
     @property
     def mixed(self) -> bool:
-        return self.padded is not None or bool(self.segments)
+        return self.padded is not None or self.per_token is not None or bool(self.segments)
 
     @property
     def active(self) -> bool:
@@ -129,12 +138,14 @@ class AdapterSlots:
         max_rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        kernel: LoraKernel | None = None,
     ) -> None:
         self.layers = layers
         self.shapes = shapes
         self.num_slots = num_slots + 1  # plus the base slot
         self.max_rank = max_rank
-        self.dtype = lora_compute_dtype(dtype, device)
+        self.kernel = kernel if device.type == "cpu" else None
+        self.dtype = dtype if self.kernel is not None else lora_compute_dtype(dtype, device)
         self.device = device
         self.rank = 0  # current slot rank; buffers are allocated on the first load
         self.a: dict[str, list[torch.Tensor]] = {}  # group -> per layer [slots, in, members * r]
@@ -142,6 +153,7 @@ class AdapterSlots:
         self._groups_of: dict[int, frozenset[str]] = {}  # slot -> groups its adapter touches
         # The last single-adapter slot's B per fused group as one block-diagonal matrix: (group, layer) -> B.
         self._joint_b: dict[int, dict[tuple[str, int], torch.Tensor]] = {}
+        self._kernel_groups: dict[tuple[str, int], KernelGroup] = {}  # (group, layer) -> the kernel's view of a/b
         self._module_shapes = {
             f"model.layers.{i}.{'self_attn' if g in ('qkv', 'o') else 'mlp'}.{name}": (shape.in_features, out)
             for i in range(layers)
@@ -168,6 +180,8 @@ class AdapterSlots:
                         bs[m][:, :old_rank] = old_b[g][layer][m]
                 self.a[g].append(a)
                 self.b[g].append(bs)
+                if self.kernel is not None:
+                    self._kernel_groups[(g, layer)] = self.kernel.group(a, bs)
         self.rank = rank
         self._joint_b = {}
 
@@ -223,9 +237,17 @@ class AdapterSlots:
         groups = frozenset().union(*(self._groups_of.get(s, frozenset()) for s in used)) if used else frozenset()
         if not groups:
             return AdapterPlan()
-        if len(set(token_slots)) == 1:
-            return AdapterPlan(single=token_slots[0], groups=groups)
         n_dec = len(token_slots) if decode_rows is None else decode_rows
+        single = token_slots[0] if len(set(token_slots)) == 1 else None
+        if self.kernel is not None and any(s != BASE_SLOT for s in token_slots[:n_dec]):
+            return AdapterPlan(
+                single=single,
+                per_token=torch.tensor(token_slots[:n_dec]),
+                segments=_runs(token_slots, n_dec),
+                groups=groups,
+            )
+        if single is not None:
+            return AdapterPlan(single=single, groups=groups)
         plan = AdapterPlan(groups=groups, segments=_runs(token_slots, n_dec))
         decode = token_slots[:n_dec]
         if len(set(decode)) <= 1:  # no decode rows, or all of one slot (or the base): a run like a prompt chunk
@@ -266,7 +288,11 @@ class AdapterSlots:
             return
         a, bs = self.a[group][layer], self.b[group][layer]
         r = self.rank
-        if plan.single is not None:
+        if plan.per_token is not None:
+            assert self.kernel is not None  # plan() sets per_token only then
+            n_dec = plan.per_token.shape[0]
+            self.kernel.apply(self._kernel_groups[(group, layer)], plan.per_token, x[:n_dec], y[:n_dec])
+        elif plan.single is not None:
             y.add_((x.to(self.dtype) @ a[plan.single]) @ self._joint(plan.single, group, layer, bs))
             return
         if plan.padded is not None:

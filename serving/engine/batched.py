@@ -107,12 +107,15 @@ class BatchedEngine:
         threads: int = 0,
         merge_after_steps: int = 16,
         q4_small_steps: bool = True,
+        lora_kernel: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
         self.device = model.device
         self.lean = LeanLlama(model, max_positions=max_context, batch_hint=max_running, q4_small_steps=q4_small_steps)
         self.cache = self.lean.new_cache(slots=max_running, capacity=max_context)
-        self.adapter_slots = self.lean.new_adapter_slots(num_slots=max_loaded_adapters, max_rank=max_lora_rank)
+        self.adapter_slots = self.lean.new_adapter_slots(
+            num_slots=max_loaded_adapters, max_rank=max_lora_rank, lora_kernel=lora_kernel
+        )
         self.limits = SchedulerLimits(max_running, max_batched_tokens, max_waiting)
         self.scheduler = Scheduler(self.limits, self.cache)
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -139,6 +142,7 @@ class BatchedEngine:
             max_running=max_running,
             max_batched_tokens=max_batched_tokens,
             dtype=str(self.lean.dtype),
+            lora_kernel=self.adapter_slots.kernel is not None,
         )
 
     # -- interface ------------------------------------------------------------------------------

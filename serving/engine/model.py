@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 from serving.engine.adapter_slots import GROUPS, AdapterPlan, AdapterSlots, GroupShape
 from serving.engine.kv_cache import KVCache
 from serving.engine.linear import FrozenLinear
+from serving.engine.lora_kernel import load_lora_kernel
 from serving.engine.q4 import Q4Weight, q4_kernel_works, rows_where_q4_pays
 
 log = structlog.get_logger(__name__)
@@ -224,7 +225,8 @@ class LeanLlama:
             device=self.device,
         )
 
-    def new_adapter_slots(self, *, num_slots: int, max_rank: int) -> AdapterSlots:
+    def new_adapter_slots(self, *, num_slots: int, max_rank: int, lora_kernel: bool = True) -> AdapterSlots:
+        """Slots for `num_slots` adapters; `lora_kernel`: decode rows' LoRA by the C++ kernel where it builds (CPU)."""
         return AdapterSlots(
             layers=self.num_layers,
             shapes=self.group_shapes(),
@@ -232,6 +234,7 @@ class LeanLlama:
             max_rank=max_rank,
             dtype=self.dtype,
             device=self.device,
+            kernel=load_lora_kernel() if lora_kernel and self.device.type == "cpu" else None,
         )
 
     # -- a merged adapter ------------------------------------------------------------------------

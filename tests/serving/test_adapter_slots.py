@@ -3,12 +3,16 @@ grouped and padded into batched matmuls, a slice of rows per prompt chunk, or ro
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
 from serving.adapters.store import LoRAWeights
 from serving.engine.adapter_slots import GROUPS, AdapterSlots, GroupShape
 from serving.engine.lora import BASE_SLOT
+from serving.engine.lora_kernel import LoraKernel, load_lora_kernel
 
 SHAPES = {
     "qkv": GroupShape(16, (16, 8, 8)),
@@ -130,3 +134,67 @@ def test_a_refilled_slot_s_single_adapter_steps_use_the_new_adapter(slots) -> No
     torch.testing.assert_close(single(2)[0], _reference(replacement, "qkv", 1, x[0]), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(single(1)[0], _reference(loaded[1], "qkv", 1, x[0]), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(single(2)[0], _reference(replacement, "qkv", 1, x[0]), rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture
+def kernel() -> LoraKernel:
+    if os.environ.get("CXX") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler here: the engine uses the PyTorch paths above")
+    built = load_lora_kernel()
+    assert built is not None, "a compiler is here, so the kernel must build and agree with PyTorch"
+    return built
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("token_slots", "decode_rows"),
+    [
+        ([2, 2, 2], None),  # one adapter
+        ([1, 2, 0, 4, 2, 1, 0], None),  # three adapters and the base
+        ([1, 2, 0, 4] + [2] * 20 + [0] * 5 + [1] * 7, 4),  # and prompt chunks (these stay PyTorch matmuls)
+        ([4] * 37 + [0, 1], None),  # more rows of one slot than a work item holds (16)
+    ],
+)
+def test_the_kernel_gives_every_decode_row_its_own_adapters_lora(
+    kernel: LoraKernel, token_slots: list[int], decode_rows: int | None, dtype: torch.dtype
+) -> None:
+    table = AdapterSlots(
+        layers=LAYERS, shapes=SHAPES, num_slots=4, max_rank=16, dtype=dtype, device=torch.device("cpu"), kernel=kernel
+    )
+    everything = tuple(name for names in GROUPS.values() for name in names)
+    loaded = {
+        1: _weights(4, 1, ("q_proj", "v_proj", "down_proj")),
+        2: _weights(8, 2, everything),
+        4: _weights(2, 4, ("gate_proj", "o_proj")),
+    }
+    for slot, weights in loaded.items():
+        table.fill(slot, weights)
+    plan = table.plan(token_slots, decode_rows)
+    n_dec = len(token_slots) if decode_rows is None else decode_rows
+    assert plan.per_token is not None and plan.per_token.tolist() == token_slots[:n_dec]
+    assert plan.padded is None and all(isinstance(rows, slice) for _, rows in plan.segments)
+    # bf16: the factors and activations are rounded to bf16 (sums stay fp32); rank-8 random factors
+    # give outputs of ~10-100, so the bound is relative.
+    rtol, atol = (1e-5, 1e-4) if dtype == torch.float32 else (2e-2, 0.5)
+    torch.manual_seed(0)
+    for layer in range(LAYERS):
+        for group, shape in SHAPES.items():
+            x = torch.randn(len(token_slots), shape.in_features).to(dtype)
+            base = torch.randn(len(token_slots), shape.out_features).to(dtype)
+            y = base.clone()
+            table.apply(plan, group, layer, x, y)
+            for token, slot in enumerate(token_slots):
+                weights = None if slot == BASE_SLOT else loaded[slot]
+                expected = base[token].float() + _reference(weights, group, layer, x[token].float())
+                torch.testing.assert_close(y[token].float(), expected, rtol=rtol, atol=atol)
+
+
+def test_without_a_compiler_the_slots_keep_their_pytorch_paths(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LORALOOP_KERNEL_CACHE_DIR", str(tmp_path / "kernels"))
+    assert load_lora_kernel.__wrapped__() is None
+    table = AdapterSlots(
+        layers=LAYERS, shapes=SHAPES, num_slots=4, max_rank=16, dtype=torch.float32, device=torch.device("cpu")
+    )
+    table.fill(1, _weights(4, 1, ("q_proj",)))
+    assert table.plan([1, 0, 1]).padded is not None
