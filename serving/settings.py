@@ -83,10 +83,11 @@ class Settings(BaseSettings):
         "that 4-bit form, read by steps of a few tokens (a quarter of the bytes; the row limit is timed at "
         "start-up). Same weights, bf16-sized rounding differences; false: always the bf16 weights.",
     )
-    lora_kernel: bool = Field(
+    cpu_kernels: bool = Field(
         True,
-        description="CPU: decode rows' LoRA (each row its own adapter) by a small C++ kernel compiled at start-up "
-        "with the system's g++ (`$CXX`) and checked against PyTorch; without a compiler, or false: PyTorch ops.",
+        description="CPU: decode attention and decode rows' LoRA (each row its own adapter) by the engine's C++ "
+        "kernels, compiled at start-up with the system's g++ (`$CXX`) and checked against PyTorch; without a "
+        "compiler, or false: PyTorch ops.",
     )
     response_cache_entries: int = Field(
         0,

@@ -19,7 +19,7 @@ Per step, tokens fall in one of three cases (chosen once per step, see `plan`):
   nearly all decode rows, padding every other slot to its count would waste more than it saves;
   those steps run each slot's rows as a segment instead.)
 
-On a CPU where the C++ kernel builds (`lora_kernel`), decode rows take none of these paths: one call per
+On a CPU where the C++ kernel builds (`cpu_kernels`), decode rows take none of these paths: one call per
 group adds each row's own slot's LoRA (its A and B read once per chunk of its rows, fp32 sums), since
 the PyTorch ops above cost ~20 us each here whatever their size (a mixed 8-adapter step at 32 rows: ~23
 ms of them against ~38 ms for the whole base step). Prompt chunks keep their thin matmul pair: at
@@ -43,9 +43,9 @@ import structlog
 import torch
 
 from serving.adapters.store import LoRAWeights
+from serving.engine.cpu_kernels import KernelGroup, LoraKernel
 from serving.engine.linear import best_seconds
 from serving.engine.lora import BASE_SLOT, lora_pairs
-from serving.engine.lora_kernel import KernelGroup, LoraKernel
 
 log = structlog.get_logger(__name__)
 

@@ -107,15 +107,19 @@ class BatchedEngine:
         threads: int = 0,
         merge_after_steps: int = 16,
         q4_small_steps: bool = True,
-        lora_kernel: bool = True,
+        cpu_kernels: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
         self.device = model.device
-        self.lean = LeanLlama(model, max_positions=max_context, batch_hint=max_running, q4_small_steps=q4_small_steps)
-        self.cache = self.lean.new_cache(slots=max_running, capacity=max_context)
-        self.adapter_slots = self.lean.new_adapter_slots(
-            num_slots=max_loaded_adapters, max_rank=max_lora_rank, lora_kernel=lora_kernel
+        self.lean = LeanLlama(
+            model,
+            max_positions=max_context,
+            batch_hint=max_running,
+            q4_small_steps=q4_small_steps,
+            cpu_kernels=cpu_kernels,
         )
+        self.cache = self.lean.new_cache(slots=max_running, capacity=max_context)
+        self.adapter_slots = self.lean.new_adapter_slots(num_slots=max_loaded_adapters, max_rank=max_lora_rank)
         self.limits = SchedulerLimits(max_running, max_batched_tokens, max_waiting)
         self.scheduler = Scheduler(self.limits, self.cache)
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -143,6 +147,7 @@ class BatchedEngine:
             max_batched_tokens=max_batched_tokens,
             dtype=str(self.lean.dtype),
             lora_kernel=self.adapter_slots.kernel is not None,
+            attention_kernel=self.lean.attention_kernel is not None,
         )
 
     # -- interface ------------------------------------------------------------------------------

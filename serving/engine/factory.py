@@ -32,7 +32,7 @@ def build_engine(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, set
                 threads=settings.engine_threads,
                 merge_after_steps=settings.merge_adapter_after_steps,
                 q4_small_steps=settings.q4_small_steps,
-                lora_kernel=settings.lora_kernel,
+                cpu_kernels=settings.cpu_kernels,
             )
         except UnsupportedModel as exc:
             log.warning("the batched engine cannot run this model; serving one request at a time", reason=str(exc))

@@ -11,8 +11,8 @@ import torch
 
 from serving.adapters.store import LoRAWeights
 from serving.engine.adapter_slots import GROUPS, AdapterSlots, GroupShape
+from serving.engine.cpu_kernels import CpuKernels, LoraKernel, load_cpu_kernels
 from serving.engine.lora import BASE_SLOT
-from serving.engine.lora_kernel import LoraKernel, load_lora_kernel
 
 SHAPES = {
     "qkv": GroupShape(16, (16, 8, 8)),
@@ -140,7 +140,7 @@ def test_a_refilled_slot_s_single_adapter_steps_use_the_new_adapter(slots) -> No
 def kernel() -> LoraKernel:
     if os.environ.get("CXX") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler here: the engine uses the PyTorch paths above")
-    built = load_lora_kernel()
+    built = load_cpu_kernels().lora
     assert built is not None, "a compiler is here, so the kernel must build and agree with PyTorch"
     return built
 
@@ -192,7 +192,7 @@ def test_the_kernel_gives_every_decode_row_its_own_adapters_lora(
 def test_without_a_compiler_the_slots_keep_their_pytorch_paths(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("LORALOOP_KERNEL_CACHE_DIR", str(tmp_path / "kernels"))
-    assert load_lora_kernel.__wrapped__() is None
+    assert load_cpu_kernels.__wrapped__() == CpuKernels(None, None)
     table = AdapterSlots(
         layers=LAYERS, shapes=SHAPES, num_slots=4, max_rank=16, dtype=torch.float32, device=torch.device("cpu")
     )

@@ -8,19 +8,22 @@
 // group costs one call: tokens are grouped by slot, so each slot's A and B are read once per chunk
 // of its tokens, and sums are kept in fp32 (weights and activations may be bf16).
 //
-// Built by serving/engine/lora_kernel.py with g++ -O3 -march=native -fopenmp; called through ctypes.
+// Built by serving/engine/cpu_kernels.py; called through ctypes.
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
+
+#include "common.h"
 
 namespace {
 
-constexpr int kMaxMembers = 4;
-constexpr int64_t kChunk = 16;
-constexpr int64_t kAhead = 8;  // rows prefetched ahead in a tile  // tokens of one slot per work item: their sums stay in L1/L2
+using namespace loraloop;
 
-struct Group {  // one fused projection group of one layer; filled by lora_kernel.py
+constexpr int kMaxMembers = 4;
+constexpr int64_t kChunk = 16;  // tokens of one slot per work item: their sums stay in L1/L2
+constexpr int64_t kAhead = 8;   // rows prefetched ahead in a tile
+
+struct Group {  // one fused projection group of one layer; filled by cpu_kernels.py
   int64_t in_features;
   int64_t a_cols;  // members * rank: A is [slots, in_features, a_cols]
   int64_t members;
@@ -33,44 +36,8 @@ struct Group {  // one fused projection group of one layer; filled by lora_kerne
   int64_t y_offsets[kMaxMembers];  // where member m's outputs start in a row of y
 };
 
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const uint16_t* p, int64_t i) {
-  uint32_t u = uint32_t(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 inline void add_to(float* p, int64_t i, float v) { p[i] += v; }
-inline void add_to(uint16_t* p, int64_t i, float v) {  // in fp32, then rounded to nearest even (as PyTorch)
-  float f = load(p, i) + v;
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    p[i] = uint16_t((u >> 16) | 0x40u);  // NaN stays NaN
-    return;
-  }
-  u += 0x7fffu + ((u >> 16) & 1u);
-  p[i] = uint16_t(u >> 16);
-}
-
-// 16 floats: GCC's vector extension, lowered to one zmm (AVX-512) or two ymm (AVX2) registers.
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline f32x16 load16(const uint16_t* p) {  // bf16 -> fp32 is a 16-bit shift
-  u16x16 half;
-  std::memcpy(&half, p, sizeof half);
-  const u32x16 wide = __builtin_convertvector(half, u32x16) << 16;
-  f32x16 v;
-  std::memcpy(&v, &wide, sizeof v);
-  return v;
-}
+inline void add_to(uint16_t* p, int64_t i, float v) { store(p, i, load(p, i) + v); }  // in fp32, then rounded
 
 // out[j][c] = sum_i lhs[j][i] * rhs[i][c] for TB rows and 16 * NV columns: the TB x NV accumulators stay
 // in vector registers and each rhs row is loaded once for all TB rows.
@@ -181,8 +148,6 @@ void run(const Group& g, int64_t tokens, const int64_t* slots, const Act* x, int
 }  // namespace
 
 extern "C" {
-
-int lora_kernel_max_members() { return kMaxMembers; }
 
 // x, y: [tokens, *] rows with unit column stride; act_bf16: 1 when x and y hold bf16, 0 for fp32.
 void lora_sgmv(const Group* g, int64_t tokens, const int64_t* slots, const void* x, int64_t x_stride, void* y,
