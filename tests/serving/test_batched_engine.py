@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
+import shutil
 import socket
 import threading
 import time
@@ -69,9 +71,20 @@ async def _started(engine: BatchedEngine) -> BatchedEngine:
     return engine
 
 
-async def test_batched_greedy_equals_transformers_one_at_a_time(tiny_model_dir: Path, tokenizer, prompts) -> None:
+def _uses_cpu_kernels(engine: BatchedEngine, wanted: bool) -> bool:
+    """Whether the engine runs the C++ kernels as asked (with no compiler here, it never can)."""
+    compiler = os.environ.get("CXX") or shutil.which("g++")
+    used = engine.lean.attention_kernel is not None and engine.adapter_slots.kernel is not None
+    return used == (wanted and compiler is not None)
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu-kernels", "pytorch-ops"])
+async def test_batched_greedy_equals_transformers_one_at_a_time(
+    tiny_model_dir: Path, tokenizer, prompts, cpu_kernels: bool
+) -> None:
     expected = [greedy_reference(_model(tiny_model_dir), p, 12) for p in prompts]
-    engine = await _started(BatchedEngine(_model(tiny_model_dir), tokenizer))
+    engine = await _started(BatchedEngine(_model(tiny_model_dir), tokenizer, cpu_kernels=cpu_kernels))
+    assert _uses_cpu_kernels(engine, cpu_kernels)
     try:
         alone = [await _collect(engine, GenerationRequest(f"a{i}", p, GREEDY)) for i, p in enumerate(prompts)]
         together = await asyncio.gather(
@@ -84,8 +97,9 @@ async def test_batched_greedy_equals_transformers_one_at_a_time(tiny_model_dir: 
     assert all(finish == "length" for _, _, finish in together)
 
 
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu-kernels", "pytorch-ops"])
 async def test_mixed_adapters_in_one_batch_equal_each_alone(
-    tiny_model_dir: Path, tmp_path: Path, tokenizer, prompts
+    tiny_model_dir: Path, tmp_path: Path, tokenizer, prompts, cpu_kernels: bool
 ) -> None:
     source1, weights1 = stored_random_adapter(tiny_model_dir, tmp_path, 1, ("q_proj", "v_proj", "down_proj"))
     source2, weights2 = stored_random_adapter(tiny_model_dir, tmp_path, 2, tuple(sorted(SERVABLE_MODULES)))
@@ -97,7 +111,8 @@ async def test_mixed_adapters_in_one_batch_equal_each_alone(
     }
     assert len({tuple(v) for v in expected.values()}) == 3  # the adapters really change the answer
 
-    engine = BatchedEngine(_model(tiny_model_dir), tokenizer, max_loaded_adapters=2)
+    engine = BatchedEngine(_model(tiny_model_dir), tokenizer, max_loaded_adapters=2, cpu_kernels=cpu_kernels)
+    assert _uses_cpu_kernels(engine, cpu_kernels)
     plans: list[AdapterPlan] = []
     planner = engine.adapter_slots.plan
     engine.adapter_slots.plan = lambda *a, **k: plans.append(planner(*a, **k)) or plans[-1]  # type: ignore[method-assign]

@@ -122,6 +122,8 @@ Attend<T> pick_group(int64_t group) {
 template <typename T>
 Attend<T> pick(int64_t group, int64_t dim) {
   switch (dim) {
+    case 16: return pick_group<1, T>(group);
+    case 32: return pick_group<2, T>(group);
     case 64: return pick_group<4, T>(group);
     case 128: return pick_group<8, T>(group);
     default: return nullptr;
@@ -151,7 +153,7 @@ void run(int64_t rows, const int64_t* slots, const int64_t* lengths, const T* q,
 
 extern "C" {
 
-// Whether this shape has a compiled variant: 1 to 8 query heads per KV head, head_dim 64 or 128.
+// Whether this shape has a compiled variant: 1 to 8 query heads per KV head, head_dim 16, 32, 64 or 128.
 int64_t decode_attention_supports(int64_t group, int64_t dim) { return pick<float>(group, dim) != nullptr; }
 
 // q: [rows, heads, dim] (any row and head strides, unit element stride); k_cache, v_cache: one layer's

@@ -1,0 +1,61 @@
+"""The C++ decode attention kernel: each row's query against its own KV slot's first `length` positions,
+the same numbers as PyTorch's SDPA (fp32 to rounding, bf16 within its precision), and nothing read past a
+row's length."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from serving.engine.cpu_kernels import DecodeAttention, load_cpu_kernels, reference_attention
+
+
+@pytest.fixture
+def attention() -> DecodeAttention:
+    if os.environ.get("CXX") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler here: the engine uses SDPA")
+    kernel = load_cpu_kernels().attention
+    assert kernel is not None, "a compiler is here, so the kernel must build and agree with PyTorch"
+    return kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 2, 16), (8, 8, 128), (8, 1, 32)])
+def test_every_row_attends_over_its_own_slot_as_sdpa_does(
+    attention: DecodeAttention, heads: int, kv_heads: int, dim: int, dtype: torch.dtype
+) -> None:
+    assert attention.supports(heads, kv_heads, dim)
+    gen = torch.Generator().manual_seed(heads * dim)
+    slots = torch.tensor([5, 0, 3, 6, 1])  # rows in any slot order, slots 2 and 4 unused
+    lengths = torch.tensor([1, 16, 17, 100, 64])  # one position, exactly one vector block, just over, long
+    # The rows' queries are a strided view, as in the engine (q beside k in one projection output).
+    q = torch.randn(len(slots), heads + kv_heads, dim, generator=gen).to(dtype)[:, :heads]
+    k = torch.randn(7, kv_heads, 128, dim, generator=gen).to(dtype)
+    v = torch.randn(7, kv_heads, 128, dim, generator=gen).to(dtype)
+    got = attention(q, k, v, slots, lengths, dim**-0.5)
+    expected = reference_attention(q, k, v, slots, lengths)
+    assert got.shape == (len(slots), heads * dim) and got.dtype == dtype
+    # fp32: summation order only. bf16: inputs and output are rounded to 8 bits of mantissa (outputs ~0.1-1).
+    atol = 2e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), expected, atol=atol, rtol=0)
+
+
+def test_positions_past_a_rows_length_are_never_read(attention: DecodeAttention) -> None:
+    """The engine zeroes nothing for the kernel: whatever sits past a row's length (an earlier sequence's
+    keys, uninitialised memory) must not reach its output."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 64, generator=gen)
+    k, v = torch.randn(2, 2, 64, 64, generator=gen), torch.randn(2, 2, 64, 64, generator=gen)
+    slots, lengths = torch.tensor([0, 1]), torch.tensor([20, 33])
+    clean = attention(q, k, v, slots, lengths, 0.125)
+    k[0, :, 20:], v[0, :, 20:], k[1, :, 33:], v[1, :, 33:] = float("nan"), float("nan"), float("inf"), float("inf")
+    assert torch.equal(attention(q, k, v, slots, lengths, 0.125), clean)
+
+
+def test_shapes_without_a_variant_are_refused(attention: DecodeAttention) -> None:
+    assert not attention.supports(9, 3, 48)  # head_dim not 16/32/64/128: the engine keeps SDPA
+    assert not attention.supports(32, 2, 64)  # 16 query heads per KV head
+    assert not attention.supports(9, 2, 64)  # heads not a multiple of KV heads
