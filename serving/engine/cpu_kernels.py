@@ -1,5 +1,6 @@
-"""The engine's own CPU kernels (`csrc/`): per-row LoRA (`lora_sgmv.cpp`) and decode attention
-(`decode_attention.cpp`), for what eager PyTorch does in many small ops on a CPU.
+"""The engine's own CPU kernels (`csrc/`): per-row LoRA (`lora_sgmv.cpp`), decode attention
+(`decode_attention.cpp`) and the residual add + RMSNorm (`rms_norm.cpp`), for what eager PyTorch does
+in many small ops on a CPU.
 
 They are compiled once per machine with the system's C++ compiler (g++ or `$CXX`, `-march=native`) into
 `~/.cache/loraloop/kernels` (`LORALOOP_KERNEL_CACHE_DIR`), loaded with ctypes (no PyTorch headers, so
@@ -150,10 +151,43 @@ class DecodeAttention:
         return out
 
 
+class AddRmsNorm:
+    """x += delta (in place; skipped when delta is None), then RMSNorm(x) * weight rounded as transformers does."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._norm = library.add_rms_norm
+        self._norm.restype = None
+        self._norm.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, ctypes.c_float, _i64]
+
+    def __call__(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x, delta: [T, D] with contiguous rows, weight [D], one dtype (bf16 or fp32) -> [T, D]."""
+        rows, dim = x.shape
+        if x.stride(1) != 1 or not weight.is_contiguous() or x.dtype not in _DTYPES or weight.dtype != x.dtype:
+            raise ValueError("x and weight must be bf16 or fp32 of one dtype, with contiguous rows")
+        if delta is not None and (delta.stride(1) != 1 or delta.dtype != x.dtype or delta.shape != x.shape):
+            raise ValueError("delta must match x")
+        out = torch.empty_like(x)
+        self._norm(
+            rows,
+            dim,
+            x.data_ptr(),
+            x.stride(0),
+            None if delta is None else delta.data_ptr(),
+            0 if delta is None else delta.stride(0),
+            weight.data_ptr(),
+            out.data_ptr(),
+            out.stride(0),
+            eps,
+            int(x.dtype == torch.bfloat16),
+        )
+        return out
+
+
 @dataclass(frozen=True)
 class CpuKernels:
-    lora: LoraKernel | None
-    attention: DecodeAttention | None
+    lora: LoraKernel | None = None
+    attention: DecodeAttention | None = None
+    norm: AddRmsNorm | None = None
 
 
 # -march=native: the library is built on, and for, the machine that runs it. 512-bit vectors where the CPU
@@ -255,22 +289,47 @@ def _attention_works(kernel: DecodeAttention) -> bool:
     return True
 
 
+def reference_add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, RMSNorm(x + delta) * weight) in PyTorch, rounding as transformers' LlamaRMSNorm."""
+    summed = x if delta is None else x + delta
+    return summed, F.rms_norm(summed, (x.shape[1],), None, eps) * weight
+
+
+def _norm_works(kernel: AddRmsNorm) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    for dtype in _DTYPES:
+        x, delta = torch.randn(5, 72, generator=gen).to(dtype), torch.randn(5, 72, generator=gen).to(dtype)
+        weight = torch.randn(72, generator=gen).to(dtype)
+        expected_x, expected = reference_add_rms_norm(x, delta, weight, 1e-5)
+        got = kernel(x, delta, weight, 1e-5)  # x becomes x + delta
+        tolerance = 0.02 if dtype == torch.bfloat16 else 1e-5  # bf16: one rounding step at most
+        if not (torch.equal(x, expected_x) and torch.allclose(got, expected, atol=tolerance, rtol=tolerance)):
+            return False
+    return True
+
+
 @cache
 def load_cpu_kernels() -> CpuKernels:
     """The compiled kernels that agree with PyTorch here; None for each that cannot be built or does not."""
     compiler = os.environ.get("CXX") or shutil.which("g++")
     if compiler is None:
         log.info("cpu kernels unavailable: no C++ compiler; the engine runs PyTorch ops")
-        return CpuKernels(None, None)
+        return CpuKernels()
     try:
         library = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         log.warning("cpu kernels unavailable: build failed; the engine runs PyTorch ops", error=detail[-2000:])
-        return CpuKernels(None, None)
-    lora, attention = LoraKernel(library), DecodeAttention(library)
-    checked = CpuKernels(lora if _lora_works(lora) else None, attention if _attention_works(attention) else None)
-    for name, kernel in (("lora", checked.lora), ("decode attention", checked.attention)):
+        return CpuKernels()
+    lora, attention, norm = LoraKernel(library), DecodeAttention(library), AddRmsNorm(library)
+    checked = CpuKernels(
+        lora if _lora_works(lora) else None,
+        attention if _attention_works(attention) else None,
+        norm if _norm_works(norm) else None,
+    )
+    for name, kernel in (("lora", checked.lora), ("decode attention", checked.attention), ("rms norm", checked.norm)):
         if kernel is None:
             log.warning(f"cpu kernel for {name} disagrees with PyTorch; that step runs PyTorch ops")
     return checked

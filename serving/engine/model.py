@@ -135,13 +135,11 @@ class LeanLlama:
         self.intermediate = config.intermediate_size
         self.num_layers = config.num_hidden_layers
         self.scale = self.head_dim**-0.5
-        self.kernels = load_cpu_kernels() if cpu_kernels and self.device.type == "cpu" else CpuKernels(None, None)
+        self.kernels = load_cpu_kernels() if cpu_kernels and self.device.type == "cpu" else CpuKernels()
         attention = self.kernels.attention
-        self.attention_kernel = (
-            attention
-            if attention is not None and attention.supports(self.q_heads, self.kv_heads, self.head_dim)
-            else None
-        )
+        fits = attention is not None and attention.supports(self.q_heads, self.kv_heads, self.head_dim)
+        self.attention_kernel = attention if fits else None
+        self.norm_kernel = self.kernels.norm
         self.merged_slot: int | None = None  # the adapter slot folded into `merged_layers`
         self.merged_layers: list[_Layer] = []
         self._batch_hint = batch_hint
@@ -287,6 +285,14 @@ class LeanLlama:
         swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
         return x * cos + swapped * sin
 
+    def _add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+        """x += delta (the residual, in place), then `_rms_norm(x, weight)`: one kernel call where it builds."""
+        if self.norm_kernel is not None:
+            return self.norm_kernel(x, delta, weight, self.eps)
+        if delta is not None:
+            x.add_(delta)
+        return self._rms_norm(x, weight)
+
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Exactly transformers' LlamaRMSNorm: normalise in fp32, round to the model dtype, then scale.
         # Scaling before the rounding (one rounding fewer) drifted enough on an AMX CPU in bf16 that the
@@ -311,8 +317,8 @@ class LeanLlama:
         elif plan.single is not None and plan.single == self.merged_slot:
             layers, plan = self.merged_layers, AdapterPlan()  # the adapter is in the weights
         q_dim, kv_dim = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
+        h = self._add_rms_norm(x, None, layers[0].input_norm)
         for i, layer in enumerate(layers):
-            h = self._rms_norm(x, layer.input_norm)
             qkv = layer.qkv(h)  # [T, q + 2 kv]
             adapters.apply(plan, "qkv", i, h, qkv)
             qk = self._rope(
@@ -344,15 +350,17 @@ class LeanLlama:
             attn = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, q_dim]
             o = layer.o(attn)
             adapters.apply(plan, "o", i, attn, o)
-            x = x + o
-            h = self._rms_norm(x, layer.post_norm)
+            h = self._add_rms_norm(x, o, layer.post_norm)  # x += o
             gate_up = layer.gate_up(h)  # [T, 2 * intermediate]
             adapters.apply(plan, "gate_up", i, h, gate_up)
             act = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
             down = layer.down(act)
             adapters.apply(plan, "down", i, act, down)
-            x = x + down
-        x = self._rms_norm(x.index_select(0, batch.logits_rows), self.norm)
+            if i + 1 < len(layers):
+                h = self._add_rms_norm(x, down, layers[i + 1].input_norm)  # x += down
+            else:
+                x.add_(down)
+        x = self._add_rms_norm(x.index_select(0, batch.logits_rows), None, self.norm)
         return self.lm_head(x).float()
 
 

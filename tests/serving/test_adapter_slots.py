@@ -191,7 +191,7 @@ def test_the_kernel_gives_every_decode_row_its_own_adapters_lora(
 def test_without_a_compiler_the_slots_keep_their_pytorch_paths(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("LORALOOP_KERNEL_CACHE_DIR", str(tmp_path / "kernels"))
-    assert load_cpu_kernels.__wrapped__() == CpuKernels(None, None)
+    assert load_cpu_kernels.__wrapped__() == CpuKernels()
     table = AdapterSlots(
         layers=LAYERS, shapes=SHAPES, num_slots=4, max_rank=16, dtype=torch.float32, device=torch.device("cpu")
     )

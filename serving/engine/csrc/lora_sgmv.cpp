@@ -45,10 +45,13 @@ template <int TB, int NV, typename W>
 inline void tile(const float* lhs, int64_t lhs_stride, int64_t depth, const W* rhs, int64_t rhs_stride, float* out,
                  int64_t out_stride) {
   f32x16 acc[TB][NV] = {};
+  // Rows of a column block are a row stride apart, which the hardware prefetcher follows late: ask for
+  // a few rows ahead (cold weights ran 2x slower than cached ones without this) or, when the block is
+  // only a few rows deep (B: the rank), for the same row of the next column block.
+  const int64_t ahead = depth > 2 * kAhead ? kAhead * rhs_stride : 16 * NV;
   for (int64_t i = 0; i < depth; ++i) {
-    // Rows of a column block are a row stride apart, which the hardware prefetcher follows late: ask
-    // for a few rows ahead (cold weights ran 2x slower than cached ones without this).
-    for (int v = 0; v < NV * 16 * int(sizeof(W)); v += 64) __builtin_prefetch(reinterpret_cast<const char*>(rhs + (i + kAhead) * rhs_stride) + v);
+    const char* next = reinterpret_cast<const char*>(rhs + i * rhs_stride + ahead);
+    for (int v = 0; v < NV * 16 * int(sizeof(W)); v += 64) __builtin_prefetch(next + v);
     f32x16 r[NV];
     for (int v = 0; v < NV; ++v) r[v] = load16(rhs + i * rhs_stride + 16 * v);
     for (int j = 0; j < TB; ++j) {

@@ -1,6 +1,7 @@
-"""The C++ decode attention kernel: each row's query against its own KV slot's first `length` positions,
-the same numbers as PyTorch's SDPA (fp32 to rounding, bf16 within its precision), and nothing read past a
-row's length."""
+"""The engine's C++ kernels (the LoRA one is tested with the adapter slots): decode attention gives each
+row's query against its own KV slot's first `length` positions the numbers PyTorch's SDPA gives (fp32 to
+rounding, bf16 within its precision) and reads nothing past a row's length; the residual add + RMSNorm
+rounds exactly where transformers' LlamaRMSNorm does."""
 
 from __future__ import annotations
 
@@ -10,16 +11,31 @@ import shutil
 import pytest
 import torch
 
-from serving.engine.cpu_kernels import DecodeAttention, load_cpu_kernels, reference_attention
+from serving.engine.cpu_kernels import (
+    AddRmsNorm,
+    DecodeAttention,
+    load_cpu_kernels,
+    reference_add_rms_norm,
+    reference_attention,
+)
+
+
+def _built(name: str) -> object:
+    if os.environ.get("CXX") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler here: the engine uses PyTorch ops")
+    kernel = getattr(load_cpu_kernels(), name)
+    assert kernel is not None, "a compiler is here, so the kernel must build and agree with PyTorch"
+    return kernel
 
 
 @pytest.fixture
 def attention() -> DecodeAttention:
-    if os.environ.get("CXX") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler here: the engine uses SDPA")
-    kernel = load_cpu_kernels().attention
-    assert kernel is not None, "a compiler is here, so the kernel must build and agree with PyTorch"
-    return kernel
+    return _built("attention")
+
+
+@pytest.fixture
+def norm() -> AddRmsNorm:
+    return _built("norm")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -59,3 +75,23 @@ def test_shapes_without_a_variant_are_refused(attention: DecodeAttention) -> Non
     assert not attention.supports(9, 3, 48)  # head_dim not 16/32/64/128: the engine keeps SDPA
     assert not attention.supports(32, 2, 64)  # 16 query heads per KV head
     assert not attention.supports(9, 2, 64)  # heads not a multiple of KV heads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_adds_the_residual_in_place_and_rounds_as_transformers(
+    norm: AddRmsNorm, dtype: torch.dtype
+) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = (3 * torch.randn(40, 576, generator=gen)).to(dtype)
+    delta = torch.randn(40, 576, generator=gen).to(dtype)
+    weight = (2 * torch.rand(576, generator=gen)).to(dtype)
+    expected_x, expected = reference_add_rms_norm(x.clone(), delta, weight, 1e-5)
+    got = norm(x, delta, weight, 1e-5)
+    assert torch.equal(x, expected_x)  # x + delta, rounded once, written into x
+    if dtype == torch.bfloat16:  # the sum of squares' order moves rstd by an fp32 ulp: bf16 hides it
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-6)
+    before = x.clone()
+    torch.testing.assert_close(norm(x, None, weight, 1e-5), reference_add_rms_norm(before, None, weight, 1e-5)[1])
+    assert torch.equal(x, before)  # no residual: x untouched
