@@ -134,6 +134,7 @@ def baseline(args: argparse.Namespace) -> dict[str, Any]:
     hf_run(model, tokenizer, prompts[:2], 8)  # warm-up
     levels = {}
     for n in args.batches:
+        hf_run(model, tokenizer, prompts[:n], 8)  # this batch size's first kernels and allocations
         levels[n] = hf_run(model, tokenizer, prompts[:n], args.max_tokens)
         print(f"batch {n}: generate {levels[n]:.1f} tok/s", flush=True)
     references = [greedy_reference(model, p, args.check_tokens) for p in prompts[: len(PROMPTS)]]
@@ -161,6 +162,7 @@ async def bench(args: argparse.Namespace, work: Path, baseline: dict[str, Any] |
             await engine.load_adapter(f"v{i + 1}", weights)
         await engine_run(engine, prompts[:2], 8, [None])  # warm-up: first kernels, allocator
         for n in args.batches:
+            await engine_run(engine, prompts[:n], 8, [None])  # this batch size's first kernels and allocations
             tok_s, _ = await engine_run(engine, prompts[:n], args.max_tokens, [None])
             hf = baseline["levels"][n] if baseline else float("nan")
             report["levels"][n] = {"hf_generate": round(hf, 1), "loraloop": round(tok_s, 1), "ratio": tok_s / hf}
@@ -172,7 +174,9 @@ async def bench(args: argparse.Namespace, work: Path, baseline: dict[str, Any] |
         while engine.merging:
             await asyncio.sleep(0.05)
         one, _ = await engine_run(engine, prompts[:n], args.max_tokens, ["v1"])
-        mixed, _ = await engine_run(engine, prompts[:n], args.max_tokens, [f"v{i + 1}" for i in range(8)])
+        eight = [f"v{i + 1}" for i in range(8)]
+        await engine_run(engine, prompts[:n], 8, eight)  # warm-up, as for the levels
+        mixed, _ = await engine_run(engine, prompts[:n], args.max_tokens, eight)
         report["adapters"] = {"batch": n, "one": round(one, 1), "mixed_8": round(mixed, 1), "ratio": mixed / one}
         print(f"batch {n}: one adapter {one:.1f} tok/s, 8 mixed {mixed:.1f}: {mixed / one:.2f}x", flush=True)
         references = baseline["references"] if baseline else None
