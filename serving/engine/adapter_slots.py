@@ -98,7 +98,8 @@ class AdapterPlan:
 
     @property
     def mixed(self) -> bool:
-        return self.padded is not None or self.per_token is not None or bool(self.segments)
+        per_token_mixed = self.per_token is not None and self.single is None
+        return self.padded is not None or per_token_mixed or bool(self.segments)
 
     @property
     def active(self) -> bool:
