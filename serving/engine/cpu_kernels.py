@@ -122,7 +122,8 @@ class DecodeAttention:
     ) -> torch.Tensor:
         """q: [B, Hq, D]; k_cache, v_cache: [slots, Hkv, capacity, D]; slots, lengths: int64 [B] -> [B, Hq * D].
 
-        The shape must be one `supports` accepts (checked once by the caller, not per call)."""
+        The shape must be one `supports` accepts, and 1 <= length <= capacity with slots in range (the
+        engine's invariants: checked once by the caller or by construction, not per call)."""
         rows, heads, dim = q.shape
         _, kv_heads, capacity, _ = k_cache.shape
         if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -185,6 +186,8 @@ class AddRmsNorm:
 
 @dataclass(frozen=True)
 class CpuKernels:
+    """The kernels that built and passed their check here; None for each that did not (PyTorch ops then)."""
+
     lora: LoraKernel | None = None
     attention: DecodeAttention | None = None
     norm: AddRmsNorm | None = None

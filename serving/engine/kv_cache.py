@@ -6,9 +6,10 @@ contiguous run. A sequence takes the lowest free slot when it starts and gives i
 or is cancelled; the next sequence simply overwrites it.
 
 Memory: the whole reservation (`reserved_bytes`) is allocated uninitialised, so the operating system
-backs only the pages that sequences actually touch. Attention reads every position of the batch's
-span up to the longest row (masked), so positions must be finite before they are read; `ensure_finite`
-zeroes each slot up to a high-water mark that only grows, in whole chunks.
+backs only the pages that sequences actually touch. SDPA's decode attention reads every position of
+the batch's span up to the longest row (masked), so positions must be finite before they are read;
+`ensure_finite` zeroes each slot up to a high-water mark that only grows, in whole chunks. (The CPU
+decode attention kernel reads each row's own positions only and needs none of this.)
 """
 
 from __future__ import annotations
