@@ -313,10 +313,15 @@ def _norm_works(kernel: AddRmsNorm) -> bool:
     return True
 
 
+def find_compiler() -> str | None:
+    """The C++ compiler the kernels are built with: `$CXX`, else g++ on the PATH."""
+    return os.environ.get("CXX") or shutil.which("g++")
+
+
 @cache
 def load_cpu_kernels() -> CpuKernels:
     """The compiled kernels that agree with PyTorch here; None for each that cannot be built or does not."""
-    compiler = os.environ.get("CXX") or shutil.which("g++")
+    compiler = find_compiler()
     if compiler is None:
         log.info("cpu kernels unavailable: no C++ compiler; the engine runs PyTorch ops")
         return CpuKernels()

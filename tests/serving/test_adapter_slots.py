@@ -3,15 +3,12 @@ grouped and padded into batched matmuls, a slice of rows per prompt chunk, or ro
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torch
 
 from serving.adapters.store import LoRAWeights
 from serving.engine.adapter_slots import GROUPS, AdapterSlots, GroupShape
-from serving.engine.cpu_kernels import CpuKernels, LoraKernel, load_cpu_kernels
+from serving.engine.cpu_kernels import CpuKernels, LoraKernel, find_compiler, load_cpu_kernels
 from serving.engine.lora import BASE_SLOT
 
 SHAPES = {
@@ -138,7 +135,7 @@ def test_a_refilled_slot_s_single_adapter_steps_use_the_new_adapter(slots) -> No
 
 @pytest.fixture
 def kernel() -> LoraKernel:
-    if os.environ.get("CXX") is None and shutil.which("g++") is None:
+    if find_compiler() is None:
         pytest.skip("no C++ compiler here: the engine uses the PyTorch paths above")
     built = load_cpu_kernels().lora
     assert built is not None, "a compiler is here, so the kernel must build and agree with PyTorch"

@@ -7,8 +7,6 @@ import asyncio
 import contextlib
 import gc
 import json
-import os
-import shutil
 import socket
 import threading
 import time
@@ -28,6 +26,7 @@ from feedback.models import Completion
 from serving.api.app import build_runtime, create_app
 from serving.engine.adapter_slots import AdapterPlan
 from serving.engine.batched import BatchedEngine
+from serving.engine.cpu_kernels import find_compiler
 from serving.engine.lora import SERVABLE_MODULES
 from serving.engine.model import LeanLlama
 from serving.engine.types import EngineOverloaded, GenerationChunk, GenerationRequest, SamplingParams
@@ -73,9 +72,8 @@ async def _started(engine: BatchedEngine) -> BatchedEngine:
 
 def _uses_cpu_kernels(engine: BatchedEngine, wanted: bool) -> bool:
     """Whether the engine runs the C++ kernels as asked (with no compiler here, it never can)."""
-    compiler = os.environ.get("CXX") or shutil.which("g++")
-    used = engine.lean.attention_kernel is not None and engine.adapter_slots.kernel is not None
-    return used == (wanted and compiler is not None)
+    kernels = (engine.lean.attention_kernel, engine.lean.norm_kernel, engine.adapter_slots.kernel)
+    return all(k is not None for k in kernels) == (wanted and find_compiler() is not None)
 
 
 @pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu-kernels", "pytorch-ops"])

@@ -5,15 +5,13 @@ rounds exactly where transformers' LlamaRMSNorm does."""
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torch
 
 from serving.engine.cpu_kernels import (
     AddRmsNorm,
     DecodeAttention,
+    find_compiler,
     load_cpu_kernels,
     reference_add_rms_norm,
     reference_attention,
@@ -21,7 +19,7 @@ from serving.engine.cpu_kernels import (
 
 
 def _built(name: str) -> object:
-    if os.environ.get("CXX") is None and shutil.which("g++") is None:
+    if find_compiler() is None:
         pytest.skip("no C++ compiler here: the engine uses PyTorch ops")
     kernel = getattr(load_cpu_kernels(), name)
     assert kernel is not None, "a compiler is here, so the kernel must build and agree with PyTorch"
