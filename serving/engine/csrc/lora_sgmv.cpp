@@ -63,20 +63,26 @@ inline void tile(const float* lhs, int64_t lhs_stride, int64_t depth, const W* r
     for (int v = 0; v < NV; ++v) std::memcpy(out + j * out_stride + 16 * v, &acc[j][v], sizeof(f32x16));
 }
 
+// Rows in tiles as tall as the 32 vector registers allow (TB x NV accumulators, NV for the rhs row), so
+// each rhs load and widening serves as many rows as possible: prompt chunks are many rows of one slot.
+template <int TB, int NV, typename W>
+inline void tile_rest(const float* l, int64_t lhs_stride, int64_t rest, int64_t depth, const W* rhs,
+                      int64_t rhs_stride, float* o, int64_t out_stride) {
+  if constexpr (TB > 0) {
+    if (rest == TB) return tile<TB, NV>(l, lhs_stride, depth, rhs, rhs_stride, o, out_stride);
+    tile_rest<TB - 1, NV>(l, lhs_stride, rest, depth, rhs, rhs_stride, o, out_stride);
+  }
+}
+
 template <int NV, typename W>
 inline void tile_rows(const float* lhs, int64_t lhs_stride, int64_t rows, int64_t depth, const W* rhs,
                       int64_t rhs_stride, float* out, int64_t out_stride) {
+  constexpr int kTall = NV == 4 ? 6 : 8;
   int64_t j = 0;
-  for (; j + 4 <= rows; j += 4)
-    tile<4, NV>(lhs + j * lhs_stride, lhs_stride, depth, rhs, rhs_stride, out + j * out_stride, out_stride);
-  const float* l = lhs + j * lhs_stride;
-  float* o = out + j * out_stride;
-  switch (rows - j) {
-    case 3: tile<3, NV>(l, lhs_stride, depth, rhs, rhs_stride, o, out_stride); break;
-    case 2: tile<2, NV>(l, lhs_stride, depth, rhs, rhs_stride, o, out_stride); break;
-    case 1: tile<1, NV>(l, lhs_stride, depth, rhs, rhs_stride, o, out_stride); break;
-    default: break;
-  }
+  for (; j + kTall <= rows; j += kTall)
+    tile<kTall, NV>(lhs + j * lhs_stride, lhs_stride, depth, rhs, rhs_stride, out + j * out_stride, out_stride);
+  tile_rest<kTall - 1, NV>(lhs + j * lhs_stride, lhs_stride, rows - j, depth, rhs, rhs_stride, out + j * out_stride,
+                           out_stride);
 }
 
 // out[rows x cols] = lhs[rows x depth] @ rhs[depth x cols] (rhs row-major, W = float or bf16). Column
