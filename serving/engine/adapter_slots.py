@@ -284,12 +284,12 @@ class AdapterSlots:
         """y += LoRA(x) for this group and layer, in place.  x: [T, in], y: [T, out]."""
         if group not in plan.groups:
             return
-        a, bs = self.a[group][layer], self.b[group][layer]
-        r = self.rank
         if plan.per_token is not None:
             assert self.kernel is not None  # plan() sets per_token only then
             self.kernel.apply(self._kernel_groups[(group, layer)], plan.per_token, x, y)
             return
+        a, bs = self.a[group][layer], self.b[group][layer]
+        r = self.rank
         if plan.single is not None:
             y.add_((x.to(self.dtype) @ a[plan.single]) @ self._joint(plan.single, group, layer, bs))
             return

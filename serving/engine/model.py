@@ -139,7 +139,6 @@ class LeanLlama:
         attention = self.kernels.attention
         fits = attention is not None and attention.supports(self.q_heads, self.kv_heads, self.head_dim)
         self.attention_kernel = attention if fits else None
-        self.norm_kernel = self.kernels.norm
         self.merged_slot: int | None = None  # the adapter slot folded into `merged_layers`
         self.merged_layers: list[_Layer] = []
         self._batch_hint = batch_hint
@@ -287,8 +286,8 @@ class LeanLlama:
 
     def _add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
         """x += delta (the residual, in place), then `_rms_norm(x, weight)`: one kernel call where it builds."""
-        if self.norm_kernel is not None:
-            return self.norm_kernel(x, delta, weight, self.eps)
+        if self.kernels.norm is not None:
+            return self.kernels.norm(x, delta, weight, self.eps)
         if delta is not None:
             x.add_(delta)
         return self._rms_norm(x, weight)

@@ -72,7 +72,7 @@ async def _started(engine: BatchedEngine) -> BatchedEngine:
 
 def _uses_cpu_kernels(engine: BatchedEngine, wanted: bool) -> bool:
     """Whether the engine runs the C++ kernels as asked (with no compiler here, it never can)."""
-    kernels = (engine.lean.attention_kernel, engine.lean.norm_kernel, engine.adapter_slots.kernel)
+    kernels = (engine.lean.attention_kernel, engine.lean.kernels.norm, engine.adapter_slots.kernel)
     return all(k is not None for k in kernels) == (wanted and find_compiler() is not None)
 
 
