@@ -30,6 +30,7 @@ from serving.api.schemas import (
     Choice,
     ChunkChoice,
     Delta,
+    PromptTokensDetails,
     Usage,
     sampling_dict,
 )
@@ -55,8 +56,13 @@ class _Outcome:
     finish_reason: str = "cancelled"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     first_token_at: float | None = None
     last_token_at: float = 0.0
+
+    def usage(self) -> Usage:
+        total = self.prompt_tokens + self.completion_tokens
+        return Usage(self.prompt_tokens, self.completion_tokens, total, PromptTokensDetails(self.cached_tokens))
 
 
 class ChatService:
@@ -155,6 +161,7 @@ class ChatService:
                 outcome.finish_reason = chunk.finish_reason
                 outcome.prompt_tokens = chunk.prompt_tokens
                 outcome.completion_tokens = chunk.completion_tokens
+                outcome.cached_tokens = chunk.cached_tokens
                 if chunk.cache is not None and self.metrics is not None:  # the response pre-cache answered or missed
                     self.metrics.response_cache.labels(chunk.cache).inc()
             yield chunk
@@ -197,6 +204,7 @@ class ChatService:
                 self.metrics.ttft.labels(*labels).observe(outcome.first_token_at - started)
             self.metrics.prompt_tokens.labels(*labels).inc(record.prompt_tokens)
             self.metrics.completion_tokens.labels(*labels).inc(record.completion_tokens)
+            self.metrics.cached_prompt_tokens.labels(*labels).inc(outcome.cached_tokens)
 
     async def complete(self, request: ChatCompletionRequest, caller: Caller) -> tuple[ChatCompletion, ServingTarget]:
         prepared = self.prepare(request)
@@ -210,9 +218,7 @@ class ChatService:
             finally:  # a cancelled handler (server shutdown) stops its sequence now
                 await close_stream(chunks)
         await self._record(prepared, request, caller, target, outcome, started)
-        usage = Usage(
-            outcome.prompt_tokens, outcome.completion_tokens, outcome.prompt_tokens + outcome.completion_tokens
-        )
+        usage = outcome.usage()
         completion = ChatCompletion(
             id=prepared.completion_id,
             created=int(time.time()),
@@ -263,8 +269,7 @@ class ChatService:
             recorded = True
             yield event([ChunkChoice(0, Delta(), outcome.finish_reason)])
             if include_usage:
-                total = outcome.prompt_tokens + outcome.completion_tokens
-                yield event([], Usage(outcome.prompt_tokens, outcome.completion_tokens, total))
+                yield event([], outcome.usage())
             yield "[DONE]"
         finally:
             with anyio.CancelScope(shield=True):

@@ -51,6 +51,12 @@ class Metrics:
         self.completion_tokens = Counter(
             "loraloop_completion_tokens", "Completion tokens generated", by_version, registry=r
         )
+        self.cached_prompt_tokens = Counter(
+            "loraloop_prompt_cached_tokens",
+            "Prompt tokens whose keys and values came from the prefix cache (hit rate = this / prompt tokens)",
+            by_version,
+            registry=r,
+        )
         self.ratings = Counter("loraloop_ratings", "Ratings stored, by direction", [*by_version, "rating"], registry=r)
         self.comparisons = Counter("loraloop_comparisons", "Comparisons stored, by outcome", ["outcome"], registry=r)
         self.queue_depth = Gauge("loraloop_queue_depth", "Requests waiting for the engine", registry=r)

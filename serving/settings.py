@@ -89,6 +89,12 @@ class Settings(BaseSettings):
         "kernels, compiled at start-up with the system's g++ (`$CXX`) and checked against PyTorch; without a "
         "compiler, or false: PyTorch ops.",
     )
+    prefix_cache_mib: int = Field(
+        128,
+        ge=0,
+        description="Keys and values of recent prompts (and answers), per adapter version, in MiB: a prompt that "
+        "begins like one of them (the system prompt, a conversation's earlier turns) prefills only the rest; 0 = off.",
+    )
     response_cache_entries: int = Field(
         0,
         ge=0,

@@ -85,10 +85,15 @@ class ChatCompletionRequest(Struct, forbid_unknown_fields=True):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+class PromptTokensDetails(Struct):
+    cached_tokens: int  # prompt tokens whose keys and values came from the prefix cache, not computed
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class AssistantMessage(Struct):

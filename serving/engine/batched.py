@@ -11,6 +11,10 @@ Most traffic uses one adapter (an alias's active version). When every row of `me
 steps in a row uses the same adapter, a helper thread merges it into a copy of the projections
 (hundreds of ms: streams keep running meanwhile); once it is ready, such steps skip LoRA entirely.
 Mixed steps keep the per-row path. A merge whose slot was unloaded or refilled meanwhile is dropped.
+
+A prompt that begins like an earlier one under the same adapter (the system prompt, a conversation's
+earlier turns) copies those positions' keys and values from the prefix cache (`prefix_cache.py`) at
+admission and prefills only the rest.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from serving.engine.cpu_threads import claim_cores, keep_this_thread_serial
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.lora import BASE_SLOT
 from serving.engine.model import LeanLlama, PrefillChunk, StepBatch
+from serving.engine.prefix_cache import PrefixCache
 from serving.engine.sampling import make_generator, sample_token
 from serving.engine.scheduler import Scheduler, SchedulerLimits, StepPlan
 from serving.engine.sequence import Sequence
@@ -108,6 +113,7 @@ class BatchedEngine:
         merge_after_steps: int = 16,
         q4_small_steps: bool = True,
         cpu_kernels: bool = True,
+        prefix_cache_bytes: int = 128 * 2**20,
     ) -> None:
         self.tokenizer = tokenizer
         self.device = model.device
@@ -122,6 +128,7 @@ class BatchedEngine:
         self.adapter_slots = self.lean.new_adapter_slots(num_slots=max_loaded_adapters, max_rank=max_lora_rank)
         self.limits = SchedulerLimits(max_running, max_batched_tokens, max_waiting)
         self.scheduler = Scheduler(self.limits, self.cache)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.threads = threads
         self.merge_after_steps = merge_after_steps  # 0: never merge
@@ -145,6 +152,7 @@ class BatchedEngine:
             kv_cache_mib=round(self.cache.reserved_bytes / 2**20),
             max_running=max_running,
             max_batched_tokens=max_batched_tokens,
+            prefix_cache_mib=round(prefix_cache_bytes / 2**20),
             dtype=str(self.lean.dtype),
             lora_kernel=self.adapter_slots.kernel is not None,
             attention_kernel=self.lean.attention_kernel is not None,
@@ -243,6 +251,8 @@ class BatchedEngine:
         if any(s.adapter_slot == slot for s in self.scheduler.running):
             return False  # a running sequence still reads it: unload after it finishes
         del self._slot_of[key]
+        if self.prefix_cache is not None:
+            self.prefix_cache.drop_owner(self._kv_owner(slot))
         self._slot_loads[slot] += 1
         if self.lean.merged_slot == slot:
             self.lean.drop_merged()
@@ -278,6 +288,32 @@ class BatchedEngine:
             raise KeyError(f"adapter {key!r} is not loaded")
         return self._slot_of[key]
 
+    def _kv_owner(self, adapter_slot: int) -> tuple[int, int]:
+        """Who computed a sequence's keys and values: its adapter slot and which load of that slot."""
+        return adapter_slot, self._slot_loads[adapter_slot]
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        if self.prefix_cache is None:
+            return
+        entry, n = self.prefix_cache.match(self._kv_owner(seq.adapter_slot), seq.prompt)
+        if entry is None:
+            return
+        self.prefix_cache.copy_into(entry, n, self.cache, seq.kv_slot)
+        seq.cached = seq.prefilled = seq.reused = n
+        self.cache.mark_written(seq.kv_slot, n)
+        self.cache.set_length(seq.kv_slot, n)
+
+    def _remember_prefix(self, seq: Sequence) -> None:
+        """Keep the sequence's keys and values for later prompts: at the end of its prefill, and when it ends
+        (prompt and answer: a conversation's next turn starts with both)."""
+        if self.prefix_cache is None or seq.cancelled:
+            return
+        stored = self.prefix_cache.store(self._kv_owner(seq.adapter_slot), seq.tokens_in_cache, self.cache, seq.kv_slot)
+        if stored is not None:
+            if seq.prefix_entry is not None:  # the prompt's entry: the new one begins with it
+                self.prefix_cache.discard(seq.prefix_entry)
+            seq.prefix_entry = stored
+
     def _take_inbox(self) -> None:
         while self._inbox:
             item = self._inbox.popleft()
@@ -296,8 +332,11 @@ class BatchedEngine:
             self._take_inbox()
             waiting_before = len(self.scheduler.waiting)
             self.scheduler.drop_cancelled()
+            running_before = len(self.scheduler.running)
             for seq, reason in self.scheduler.admit(self._adapter_slot):
                 self._send(seq, reason)
+            for seq in self.scheduler.running[running_before:]:  # admitted just now
+                self._reuse_prefix(seq)
             self._count_dequeued(waiting_before - len(self.scheduler.waiting))
             plan = self.scheduler.plan()
             if plan:
@@ -376,11 +415,14 @@ class BatchedEngine:
             seq.prefilled += n
             self.cache.mark_written(seq.kv_slot, seq.cached)
             self.cache.set_length(seq.kv_slot, seq.cached)
+            if not seq.prefilling:
+                self._remember_prefix(seq)
         for seq, token in zip(samplers, self._sample(logits, samplers), strict=True):
             chunk = seq.accept(token, self.eos_ids, self.cache.capacity)
             if chunk is not None:
                 self._send(seq, chunk)
             if seq.finish is not None:
+                self._remember_prefix(seq)
                 self.scheduler.release(seq)
 
     def _maybe_merge(self, plan: AdapterPlan) -> None:

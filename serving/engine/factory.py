@@ -33,6 +33,7 @@ def build_engine(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, set
                 merge_after_steps=settings.merge_adapter_after_steps,
                 q4_small_steps=settings.q4_small_steps,
                 cpu_kernels=settings.cpu_kernels,
+                prefix_cache_bytes=settings.prefix_cache_mib * 2**20,
             )
         except UnsupportedModel as exc:
             log.warning("the batched engine cannot run this model; serving one request at a time", reason=str(exc))

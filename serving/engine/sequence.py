@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.prefix_cache import PrefixEntry
 from serving.engine.types import FinishReason, GenerationChunk, GenerationRequest
 
 
@@ -27,10 +28,14 @@ class Sequence:
     # Set at admission:
     kv_slot: int = -1
     adapter_slot: int = 0
-    # Progress: tokens whose keys/values are in the cache, prompt tokens prefilled, tokens sampled.
+    # Progress: tokens whose keys/values are in the cache, prompt tokens prefilled (or copied from the
+    # prefix cache: `reused` of them), tokens sampled.
     cached: int = 0
     prefilled: int = 0
+    reused: int = 0
     generated: int = 0
+    output_ids: list[int] = field(default_factory=list)  # every sampled token, for the prefix cache at the end
+    prefix_entry: PrefixEntry | None = None  # its newest entry in the prefix cache, replaced by a longer one
     next_token: int = -1  # the last sampled token, fed in the next step
     unsent_token_ids: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
@@ -38,6 +43,11 @@ class Sequence:
     @property
     def prompt(self) -> list[int]:
         return self.request.prompt_token_ids
+
+    @property
+    def tokens_in_cache(self) -> list[int]:
+        """The tokens whose keys and values the cache holds: the prompt, then the answer but its last token."""
+        return self.prompt + self.output_ids[: self.cached - len(self.prompt)]
 
     @property
     def prefilling(self) -> bool:
@@ -48,6 +58,7 @@ class Sequence:
         params = self.request.sampling
         self.generated += 1
         self.next_token = token
+        self.output_ids.append(token)
         if token in eos_ids:
             self.finish = "stop"
             return self._final("")
@@ -72,6 +83,7 @@ class Sequence:
             finish_reason=self.finish,
             prompt_tokens=len(self.prompt),
             completion_tokens=self.generated,
+            cached_tokens=self.reused,
             token_ids=self.unsent_token_ids,
         )
         self.unsent_token_ids = []

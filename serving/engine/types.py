@@ -48,6 +48,7 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     token_ids: list[int] = field(default_factory=list)
     cache: CacheOutcome | None = None  # on the last chunk of a cacheable request, when a response cache is on
 

@@ -43,3 +43,15 @@ async def test_metrics_move_with_traffic(client: AsyncTestClient) -> None:
     assert _sum(after, "loraloop_prompt_tokens_total", alias="default") > 0
     assert _sum(after, "loraloop_ratings_total", version=version, rating="down") == 1
     assert _sum(after, "loraloop_http_errors_total", status="400") == 1
+
+
+async def test_a_repeated_prompt_reports_its_cached_tokens_in_usage_and_metrics(client: AsyncTestClient) -> None:
+    """OpenAI's `usage.prompt_tokens_details.cached_tokens`: the second request with the same messages (same
+    adapter version) takes all but the last prompt token from the prefix cache."""
+    chat = CHAT | {"messages": [{"role": "user", "content": "Tell me about the sea, the sky and the mountains."}]}
+    first = (await client.post("/v1/chat/completions", json=chat)).json()["usage"]
+    second = (await client.post("/v1/chat/completions", json=chat)).json()["usage"]
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second["prompt_tokens_details"] == {"cached_tokens": second["prompt_tokens"] - 1}
+    after = await _samples(client)
+    assert _sum(after, "loraloop_prompt_cached_tokens_total", alias="default") == second["prompt_tokens"] - 1
