@@ -1,4 +1,5 @@
-"""The engine's C++ kernels (the LoRA one is tested with the adapter slots): decode attention gives each
+"""The engine's C++ kernels (the LoRA one mostly with the adapter slots; here the shapes those never have): decode
+attention gives each
 row's query against its own KV slot's first `length` positions the numbers PyTorch's SDPA gives (fp32 to
 rounding, bf16 within its precision) and reads nothing past a row's length; the residual add + RMSNorm
 rounds exactly where transformers' LlamaRMSNorm does."""
@@ -11,10 +12,12 @@ import torch
 from serving.engine.cpu_kernels import (
     AddRmsNorm,
     DecodeAttention,
+    LoraKernel,
     find_compiler,
     load_cpu_kernels,
     reference_add_rms_norm,
     reference_attention,
+    reference_lora,
 )
 
 
@@ -34,6 +37,31 @@ def attention() -> DecodeAttention:
 @pytest.fixture
 def norm() -> AddRmsNorm:
     return _built("norm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("in_features", "rank", "outs"),
+    [(64, 8, (64, 16)), (96, 6, (40, 23)), (23, 3, (17,)), (48, 5, (33, 80, 7))],
+    ids=["whole-vectors", "column-tails", "odd-depths", "odd-rank"],
+)
+def test_lora_gives_each_token_its_slots_lora_for_any_shape(
+    in_features: int, rank: int, outs: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    """Columns that fill no whole vector (masked on the AVX512-BF16 path) and odd depths (which that path's pairs
+    cannot take: the widening path runs them) give the reference's numbers too."""
+    kernel: LoraKernel = _built("lora")
+    gen = torch.Generator().manual_seed(0)
+    slots = torch.tensor([0, 2, 1, 2, 2, 0, 1, 3] * 3 + [2] * 21)  # and more than a 16-token work item of slot 2
+    a = torch.randn(4, in_features, len(outs) * rank, generator=gen).to(dtype)
+    bs = [torch.randn(4, rank, out, generator=gen).to(dtype) for out in outs]
+    x = torch.randn(len(slots), in_features, generator=gen).to(dtype)
+    y = torch.randn(len(slots), sum(outs), generator=gen).to(dtype)
+    expected = y.float() + reference_lora(a, bs, slots, x)
+    kernel.apply(kernel.group(a, bs), slots, x, y)
+    # bf16: x @ A is rounded to bf16 before B (as PyTorch's bf16 matmuls round it), and so is the sum.
+    rtol, atol = (1e-5, 1e-4) if dtype == torch.float32 else (2e-2, 0.5)
+    torch.testing.assert_close(y.float(), expected, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
