@@ -677,6 +677,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         engine["hot_swap"] = await hot_swap(url, db_url, max(args.seconds, 20))
         print(f"    {engine['hot_swap']}", flush=True)
         engine["peak_rss_mib"] = _peak_rss_mib(process.pid)
+        engine["prompt_tokens"] = _prompt_tokens(url)
         report["engines"]["loraloop"] = engine
     shutil.rmtree(work, ignore_errors=True)
     return report
@@ -700,6 +701,20 @@ async def _baseline(
     except (RuntimeError, httpx.HTTPError) as exc:
         print(f"  {name} failed: {str(exc)[-300:]}", flush=True)
         report.setdefault("failed_baselines", {})[name] = str(exc)[-2000:]
+
+
+def _prompt_tokens(url: str) -> dict[str, float]:
+    """The server's prompt tokens over the whole run, and how many of them came from its prefix cache: the
+    bench's prompts come from a fixed list, so many repeat exactly (per adapter version) and more than a
+    shared system prompt is reused."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = {"loraloop_prompt_tokens_total": 0.0, "loraloop_prompt_cached_tokens_total": 0.0}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return {"all": totals["loraloop_prompt_tokens_total"], "cached": totals["loraloop_prompt_cached_tokens_total"]}
 
 
 def _mixed(client: int) -> str:
@@ -755,6 +770,12 @@ def summarise(report: dict[str, Any]) -> str:
     lo = engines["loraloop"]
     single, mixed = lo["single_adapter"]["tok_s"], lo["mixed_8_adapters"]["tok_s"]
     lines.append(f"8 mixed adapters vs 1 (32 clients): {mixed} / {single} tok/s = {mixed / single:.2f}x")
+    prompts = lo.get("prompt_tokens")
+    if prompts and prompts["all"]:
+        lines.append(
+            f"prompt tokens from the prefix cache, whole run: {prompts['cached']:.0f} of {prompts['all']:.0f} "
+            f"({100 * prompts['cached'] / prompts['all']:.0f} %; LORALOOP_PREFIX_CACHE_MIB=0 turns it off)"
+        )
     swap = lo["hot_swap"]
     lines.append(
         f"hot-swap under 32 clients: {swap['level']['failed']} failed of {swap['level']['requests']} requests, "
