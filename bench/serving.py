@@ -218,8 +218,13 @@ async def run_level(
     return level, done
 
 
+UNIQUE_PROMPTS = False  # --unique-prompts
+
+
 def chat(model: str, client: int, n: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     prompt = PROMPTS[(client + n) % len(PROMPTS)]
+    if UNIQUE_PROMPTS:  # first in the message: what prompts share ends with the chat template's system prompt
+        prompt = f"(request {client}.{n}) {prompt}"
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS}
     return body | {"temperature": 0} | (extra or {})
 
@@ -816,9 +821,17 @@ def main() -> None:
         "--warmup", type=float, default=10.0, help="seconds before each window, clients arriving over them (0: none)"
     )
     parser.add_argument("--concurrency", default="1,4,16,32")
+    parser.add_argument(
+        "--unique-prompts",
+        action="store_true",
+        help="no prompt repeats (each question starts with its request's number): prefix caches reuse only the "
+        "chat template's system prompt",
+    )
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "loraloop-bench-serving.json")
     parser.add_argument("--serve-hf", nargs=2, metavar=("PORT", "ADAPTER_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global UNIQUE_PROMPTS
+    UNIQUE_PROMPTS = args.unique_prompts
     if args.serve_hf:
         serve_hf(int(args.serve_hf[0]), Path(args.serve_hf[1]))
         return

@@ -58,16 +58,12 @@ class PrefixCache:
         self.bytes = 0
         self._entries: OrderedDict[PrefixEntry, None] = OrderedDict()  # least recently used first
         self._index: dict[tuple[Hashable, int], PrefixEntry] = {}  # (owner, block-prefix hash) -> newest entry with it
-        # Counters for the metrics: prompt tokens looked up, and how many of them were copied in.
-        self.lookup_tokens = 0
-        self.hit_tokens = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def match(self, owner: Hashable, tokens: list[int]) -> tuple[PrefixEntry | None, int]:
         """The entry sharing the longest beginning with `tokens`, and that length (at most len - 1)."""
-        self.lookup_tokens += len(tokens)
         limit = len(tokens) - 1  # the last prompt token is always computed: its logits give the first answer token
         best, n = None, 0
         for b, h in enumerate(_block_hashes(owner, tokens, limit // BLOCK)):
@@ -81,7 +77,6 @@ class PrefixCache:
         while n < stop and best.tokens[n] == tokens[n]:
             n += 1
         self._entries.move_to_end(best)
-        self.hit_tokens += n
         return best, n
 
     def copy_into(self, entry: PrefixEntry, length: int, cache: KVCache, slot: int) -> None:
