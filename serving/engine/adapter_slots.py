@@ -21,10 +21,11 @@ Per step, tokens fall in one of three cases (chosen once per step, see `plan`):
 
 On a CPU where the C++ kernel builds (`cpu_kernels`), no step takes these paths: one call per group
 adds each token's own slot's LoRA (tokens grouped by slot, each slot's A and B read once per chunk of
-16 of its tokens, fp32 sums; bf16 dot products where the CPU has AVX512-BF16), since the PyTorch ops above cost ~20 us each here whatever their size (a
-mixed 8-adapter step at 32 rows: ~23 ms of them against ~38 ms for the whole base step; the kernel
-~6 ms). It also beat PyTorch's matmuls on prompt chunks of one slot: 7.6 against 17.6 ms for 120
-groups at 50 tokens, 16.5 against 27.7 at 128. Its factors stay in the model's dtype.
+16 of its tokens, fp32 sums; bf16 dot products where the CPU has AVX512-BF16), since the PyTorch ops
+above cost ~20 us each here whatever their size (a mixed 8-adapter step at 32 rows: ~23 ms of them
+against ~38 ms for the whole base step; the kernel ~6 ms). It also beat PyTorch's matmuls on prompt
+chunks of one slot: 7.6 against 17.6 ms for 120 groups at 50 tokens, 16.5 against 27.7 at 128. Its
+factors stay in the model's dtype.
 
 Otherwise the factors live in `compute_dtype`, which need not be the model's: these are thin matmuls whose
 speed on a CPU depends on the kernel more than on the bytes, and a CPU whose bf16 matmul is no faster
