@@ -166,4 +166,4 @@ def step_logits(
     logits = lean.forward(batch, cache, adapters)
     for slot, new, start in rows:
         cache.mark_written(slot, start + len(new))
-    return logits
+    return logits.float()

@@ -1,6 +1,6 @@
 """The engine's own CPU kernels (`csrc/`): per-row LoRA (`lora_sgmv.cpp`), decode attention
-(`decode_attention.cpp`) and the residual add + RMSNorm (`rms_norm.cpp`), for what eager PyTorch does
-in many small ops on a CPU.
+(`decode_attention.cpp`), the residual add + RMSNorm (`rms_norm.cpp`) and RoPE with the decode rows' KV
+writes (`rope_store.cpp`), for what eager PyTorch does in many small ops on a CPU.
 
 They are compiled once per machine with the system's C++ compiler (g++ or `$CXX`, `-march=native`) into
 `~/.cache/loraloop/kernels` (`LORALOOP_KERNEL_CACHE_DIR`), loaded with ctypes (no PyTorch headers, so
@@ -184,6 +184,72 @@ class AddRmsNorm:
         return out
 
 
+class RopeAndStore:
+    """RoPE on a step's query and key heads in place; the decode rows' new keys and values into their KV slots."""
+
+    MAX_HEAD_DIM = 256
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._run = library.rope_and_store
+        self._run.restype = None
+        self._run.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr]
+        self._run.argtypes += [_i64]
+
+    def supports(self, head_dim: int) -> bool:
+        return head_dim % 2 == 0 and head_dim <= self.MAX_HEAD_DIM
+
+    def __call__(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        heads: tuple[int, int],
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+        write_positions: torch.Tensor,
+    ) -> None:
+        """qkv: [T, (Hq + 2 Hkv) * D] (q, k, v heads side by side), rotated in place at `positions` [T] by the
+        cos/sin tables [P, D]; rows t < len(slots) also go to k_cache/v_cache [slots, Hkv, capacity, D] at
+        (slots[t], write_positions[t]). heads: (Hq, Hkv). Positions and cache places must be in range (the
+        engine's invariants, not checked per call)."""
+        q_heads, kv_heads = heads
+        dim = cos.shape[1]
+        tensors = (qkv, cos, sin_signed, k_cache, v_cache)
+        if qkv.stride(1) != 1 or not all(t.is_contiguous() for t in tensors[1:]) or not self.supports(dim):
+            raise ValueError("qkv needs contiguous rows, the tables and caches must be contiguous")
+        if len({t.dtype for t in tensors}) != 1 or qkv.dtype not in _DTYPES:
+            raise ValueError("qkv, the tables and the caches must share a dtype, bf16 or fp32")
+        if qkv.shape[1] != (q_heads + 2 * kv_heads) * dim or len(slots) > qkv.shape[0]:
+            raise ValueError("qkv's rows must hold the q, k and v heads")
+        self._run(
+            qkv.shape[0],
+            len(slots),
+            qkv.data_ptr(),
+            qkv.stride(0),
+            positions.data_ptr(),
+            cos.data_ptr(),
+            sin_signed.data_ptr(),
+            q_heads,
+            kv_heads,
+            dim,
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            k_cache.shape[2],
+            slots.data_ptr(),
+            write_positions.data_ptr(),
+            int(qkv.dtype == torch.bfloat16),
+        )
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin in PyTorch ops, rounding as transformers does (the path without the
+    kernel, and its reference). x: [T, H, D]; cos, sin_signed: [T, 1, D], sin's first half negated."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin_signed
+
+
 @dataclass(frozen=True)
 class CpuKernels:
     """The kernels that built and passed their check here; None for each that did not (PyTorch ops then)."""
@@ -191,6 +257,7 @@ class CpuKernels:
     lora: LoraKernel | None = None
     attention: DecodeAttention | None = None
     norm: AddRmsNorm | None = None
+    rope: RopeAndStore | None = None
 
 
 # -march=native: the library is built on, and for, the machine that runs it. 512-bit vectors where the CPU
@@ -313,6 +380,27 @@ def _norm_works(kernel: AddRmsNorm) -> bool:
     return True
 
 
+def _rope_works(kernel: RopeAndStore) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    q_heads, kv_heads, dim, tokens = 6, 2, 64, 5
+    positions, slots, at = torch.tensor([7, 0, 33, 4, 5]), torch.tensor([2, 0]), torch.tensor([7, 0])
+    for dtype in _DTYPES:
+        angles = torch.rand(40, dim, generator=gen) * 6
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+        k_cache, v_cache = torch.zeros(3, kv_heads, 9, dim, dtype=dtype), torch.zeros(3, kv_heads, 9, dim, dtype=dtype)
+        heads = qkv.view(tokens, -1, dim)
+        rotated = rope(heads[:, : q_heads + kv_heads], cos[positions, None], sin[positions, None])
+        kernel(qkv, positions, cos, sin, (q_heads, kv_heads), k_cache, v_cache, slots, at)
+        stored = all(
+            torch.equal(k_cache[s, :, p], rotated[t, q_heads:]) and torch.equal(v_cache[s, :, p], heads[t, -kv_heads:])
+            for t, (s, p) in enumerate(zip(slots.tolist(), at.tolist(), strict=True))
+        )
+        if not (torch.equal(heads[:, : q_heads + kv_heads], rotated) and stored):
+            return False
+    return True
+
+
 def find_compiler() -> str | None:
     """The C++ compiler the kernels are built with: `$CXX`, else g++ on the PATH."""
     return os.environ.get("CXX") or shutil.which("g++")
@@ -332,12 +420,20 @@ def load_cpu_kernels() -> CpuKernels:
         log.warning("cpu kernels unavailable: build failed; the engine runs PyTorch ops", error=detail[-2000:])
         return CpuKernels()
     lora, attention, norm = LoraKernel(library), DecodeAttention(library), AddRmsNorm(library)
+    rope_store = RopeAndStore(library)
     checked = CpuKernels(
         lora if _lora_works(lora) else None,
         attention if _attention_works(attention) else None,
         norm if _norm_works(norm) else None,
+        rope_store if _rope_works(rope_store) else None,
     )
-    for name, kernel in (("lora", checked.lora), ("decode attention", checked.attention), ("rms norm", checked.norm)):
+    names = {
+        "lora": checked.lora,
+        "decode attention": checked.attention,
+        "rms norm": checked.norm,
+        "rope": checked.rope,
+    }
+    for name, kernel in names.items():
         if kernel is None:
             log.warning(f"cpu kernel for {name} disagrees with PyTorch; that step runs PyTorch ops")
     return checked

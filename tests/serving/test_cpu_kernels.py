@@ -13,11 +13,13 @@ from serving.engine.cpu_kernels import (
     AddRmsNorm,
     DecodeAttention,
     LoraKernel,
+    RopeAndStore,
     find_compiler,
     load_cpu_kernels,
     reference_add_rms_norm,
     reference_attention,
     reference_lora,
+    rope,
 )
 
 
@@ -121,3 +123,33 @@ def test_add_rms_norm_adds_the_residual_in_place_and_rounds_as_transformers(
     before = x.clone()
     torch.testing.assert_close(norm(x, None, weight, 1e-5), reference_add_rms_norm(before, None, weight, 1e-5)[1])
     assert torch.equal(x, before)  # no residual: x untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("q_heads", "kv_heads", "dim"), [(9, 3, 64), (4, 2, 48), (8, 8, 128), (2, 1, 6)])
+def test_rope_rotates_in_place_as_pytorch_does_and_stores_only_the_decode_rows(
+    q_heads: int, kv_heads: int, dim: int, dtype: torch.dtype
+) -> None:
+    """Bit-equal to the PyTorch ops (two rounded products, a rounded sum) for vector-wide and odd half widths;
+    the first rows' keys and values land at their slots' positions and nothing else in the cache changes."""
+    kernel: RopeAndStore = _built("rope")
+    gen = torch.Generator().manual_seed(0)
+    tokens, table = 7, 50
+    angles = torch.rand(table, dim, generator=gen) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    positions = torch.tensor([3, 49, 0, 17, 18, 19, 20])
+    slots, at = torch.tensor([4, 0, 2]), torch.tensor([11, 0, 5])  # three decode rows, then a prompt chunk
+    k_cache = torch.full((5, kv_heads, 12, dim), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    heads = qkv.view(tokens, -1, dim)
+    expected = rope(heads[:, : q_heads + kv_heads].clone(), cos[positions, None], sin[positions, None])
+    values = heads[:, q_heads + kv_heads :].clone()
+    kernel(qkv, positions, cos, sin, (q_heads, kv_heads), k_cache, v_cache, slots, at)
+    assert torch.equal(heads[:, : q_heads + kv_heads], expected)
+    assert torch.equal(heads[:, q_heads + kv_heads :], values)  # v is not rotated
+    for t, (slot, place) in enumerate(zip(slots.tolist(), at.tolist(), strict=True)):
+        assert torch.equal(k_cache[slot, :, place], expected[t, q_heads:])
+        assert torch.equal(v_cache[slot, :, place], values[t])
+        k_cache[slot, :, place] = v_cache[slot, :, place] = float("nan")
+    assert k_cache.isnan().all() and v_cache.isnan().all()  # nothing else was written
