@@ -85,9 +85,9 @@ class Settings(BaseSettings):
     )
     cpu_kernels: bool = Field(
         True,
-        description="CPU: decode attention and decode rows' LoRA (each row its own adapter) by the engine's C++ "
-        "kernels, compiled at start-up with the system's g++ (`$CXX`) and checked against PyTorch; without a "
-        "compiler, or false: PyTorch ops.",
+        description="CPU: decode attention, each row's own adapter's LoRA, the residual add + RMSNorm and RoPE by "
+        "the engine's C++ kernels, compiled at start-up with the system's g++ (`$CXX`) and checked against "
+        "PyTorch; without a compiler, or false: PyTorch ops.",
     )
     prefix_cache_mib: int = Field(
         128,

@@ -121,8 +121,9 @@ class LeanLlama:
     ) -> None:
         """`q4_small_steps`: give projections that are 4-bit grids a 4-bit copy for steps of up to
         `q4_max_rows` tokens (None: the most rows for which it is faster on this CPU, timed here).
-        `cpu_kernels`: on a CPU, decode attention, LoRA and the residual add + RMSNorm by the engine's
-        C++ kernels where they build and agree with PyTorch (`cpu_kernels`)."""
+        `cpu_kernels`: on a CPU, decode attention, LoRA, the residual add + RMSNorm, and RoPE with the
+        decode rows' KV writes by the engine's C++ kernels where they build and agree with PyTorch
+        (`cpu_kernels`)."""
         _check_supported(model)
         config = model.config
         self.device = model.device
