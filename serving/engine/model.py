@@ -305,11 +305,14 @@ class LeanLlama:
         tokens = batch.token_ids.shape[0]
         n_dec = len(batch.decode_slots)
         x = F.embedding(batch.token_ids, self.embed)  # [T, hidden]
+        decode = _DecodeView.build(batch, cache, self.device, self.attention_kernel) if n_dec else None
         if self.rope_kernel is None:
             cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, D]
             sin = self.sin_signed[batch.positions].unsqueeze(1)
-        decode = _DecodeView.build(batch, cache, self.device, self.attention_kernel) if n_dec else None
-        no_rows = torch.empty(0, dtype=torch.long)
+        else:  # which rows' keys and values the kernel stores, and where
+            no_rows = torch.empty(0, dtype=torch.long)
+            stores = (decode.slots, decode.write_positions) if decode is not None else (no_rows, no_rows)
+        heads = (self.q_heads, self.kv_heads)
         prefill_masks = [_prefill_mask(chunk, self.device) for chunk in batch.prefills]
         plan = batch.adapters
         layers = self.layers
@@ -326,9 +329,7 @@ class LeanLlama:
             k_cache, v_cache = cache.k[i], cache.v[i]
             qk = qkv[:, : q_dim + kv_dim].view(tokens, self.q_heads + self.kv_heads, self.head_dim)
             if self.rope_kernel is not None:  # rotates q and k in place and stores the decode rows' k and v
-                rows = (decode.slots, decode.write_positions) if decode is not None else (no_rows, no_rows)
-                heads = (self.q_heads, self.kv_heads)
-                self.rope_kernel(qkv, batch.positions, self.cos, self.sin_signed, heads, k_cache, v_cache, *rows)
+                self.rope_kernel(qkv, batch.positions, self.cos, self.sin_signed, heads, k_cache, v_cache, *stores)
             else:
                 qk = rope(qk, cos, sin)
             q, k = qk[:, : self.q_heads], qk[:, self.q_heads :]  # [T, Hq, D], [T, Hkv, D]
