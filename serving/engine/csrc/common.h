@@ -45,6 +45,25 @@ inline f32x16 load16(const uint16_t* p) {
   return v;
 }
 
+// 16 values rounded to T's precision (round to nearest even, NaN stays NaN: as `store`), kept as fp32.
+inline f32x16 rounded16(f32x16 v, const float*) { return v; }
+inline f32x16 rounded16(f32x16 v, const uint16_t*) {
+  u32x16 u;
+  std::memcpy(&u, &v, sizeof u);
+  const u32x16 nearest = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  const u32x16 quiet = (u | 0x00400000u) & 0xffff0000u;
+  u = (u & 0x7fffffffu) > 0x7f800000u ? quiet : nearest;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+inline void store16(uint16_t* p, f32x16 v) {  // v already rounded: its top halves
+  u32x16 u;
+  std::memcpy(&u, &v, sizeof u);
+  const u16x16 top = __builtin_convertvector(u >> 16, u16x16);
+  std::memcpy(p, &top, sizeof top);
+}
+
 // A tree of halves: independent adds, not one 15-long chain (the compiler may not reorder float sums).
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));

@@ -242,9 +242,7 @@ inline void round_to_bf16(const float* src, uint16_t* dst, int64_t n) {
 inline void add_rounded(uint16_t* y, const float* z, int64_t n) {
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
-    const __m256i old = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + c));
-    const __m512 wide = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(old), 16));
-    const __m512 sum = _mm512_add_ps(wide, _mm512_loadu_ps(z + c));
+    const __m512 sum = load16(y + c) + load16(z + c);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + c), (__m256i)_mm512_cvtneps_pbh(sum));
   }
   for (; c < n; ++c) add_to(y, c, z[c]);
