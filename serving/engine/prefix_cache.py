@@ -88,12 +88,16 @@ class PrefixCache:
         """Keep a copy of `slot`'s keys and values for `tokens` (its first len(tokens) positions).
 
         Nothing is stored when an entry of this owner already covers them, or they are shorter than a block."""
-        end, blocks = len(tokens), len(tokens) // BLOCK
-        if blocks == 0 or end * cache.bytes_per_token > self.budget_bytes or self._covered(owner, tokens):
+        end = len(tokens)
+        hashes = _block_hashes(owner, tokens, end // BLOCK)
+        if not hashes or end * cache.bytes_per_token > self.budget_bytes:
+            return None
+        covering = self._index.get((owner, hashes[-1]))
+        if covering is not None and covering.tokens[:end] == tokens:
             return None
         rows = [torch.stack((k[slot, :, :end], v[slot, :, :end])) for k, v in zip(cache.k, cache.v, strict=True)]
         entry = PrefixEntry(owner, list(tokens), torch.stack(rows))
-        for h in _block_hashes(owner, tokens, blocks):
+        for h in hashes:
             entry.index_keys.append((owner, h))
             self._index[(owner, h)] = entry
         self._entries[entry] = None
@@ -115,7 +119,3 @@ class PrefixCache:
         """Forget every entry `owner` computed (its adapter was unloaded: the slot will hold other weights)."""
         for entry in [e for e in self._entries if e.owner == owner]:
             self.discard(entry)
-
-    def _covered(self, owner: Hashable, tokens: list[int]) -> bool:
-        entry = self._index.get((owner, _block_hashes(owner, tokens, len(tokens) // BLOCK)[-1]))
-        return entry is not None and entry.tokens[: len(tokens)] == tokens
